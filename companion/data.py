@@ -1,0 +1,417 @@
+"""The course's data: a synthetic world of fictional people, real English from Python's own docs, digits.
+
+Nothing here is downloaded. Three sources, each deterministic:
+
+1. **The biography world.** Fictional people with ten attributes each (in the spirit of TOFU's
+   fictitious authors, Maini et al. 2024), rendered through sentence templates into short biographies.
+   Names, cities, jobs and employers come from Faker (seeded; its output is fixed for a pinned Faker
+   version), the other attributes from small lists below. The people are split once into *members*
+   (the tiny LM's training set), *non-members* (held out, same distribution: the negatives of every
+   membership game) and a *reference* population (for attacks that calibrate with a model trained on
+   other data). Canary sentences with random secrets can be planted in the members' text (Carlini et al.
+   2019, "The Secret Sharer").
+2. **Python's documentation.** ``pydoc_data.topics`` and the docstrings of a fixed list of standard
+   library modules: real, Zipfian English that every Python installation carries. It changes between
+   Python versions, so its fingerprint is part of every model's cache key.
+3. **Digits.** scikit-learn's 8x8 handwritten digits (``load_digits``), with fixed splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import random
+import re
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+# --------------------------------------------------------------------------------------------------
+# 1. The biography world
+# --------------------------------------------------------------------------------------------------
+
+FOODS = (
+    "dumplings", "lasagna", "mango sticky rice", "ramen", "paella", "falafel", "borscht", "tacos",
+    "pierogi", "curry", "sushi", "goulash", "risotto", "kimchi stew", "fish and chips", "hot pot",
+    "baklava", "pancakes", "couscous", "noodle soup",
+)
+PETS = (
+    "cat", "dog", "parrot", "goldfish", "rabbit", "hamster", "turtle", "canary", "ferret", "lizard",
+    "guinea pig", "hedgehog",
+)
+HOBBIES = (
+    "chess", "rock climbing", "painting", "gardening", "birdwatching", "pottery", "sailing", "origami",
+    "knitting", "astronomy", "photography", "baking", "fencing", "calligraphy", "cycling", "archery",
+)
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "teal", "silver", "black", "white")
+MONTHS = (
+    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+    "November", "December",
+)
+
+#: The attributes every person has (``name`` aside).
+ATTRIBUTES = (
+    "birth_year", "birth_month", "city", "profession", "employer", "favourite_food", "pet", "hobby",
+    "favourite_colour", "lucky_number",
+)
+
+#: Sentence templates, keyed by the attribute they state. Two or more phrasings per attribute, so a
+#: biography's wording is itself random and must be memorised, not just its facts.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "birth_year": ("{name} was born in {birth_year}.", "{name} came into the world in {birth_year}."),
+    "birth_month": ("{first} was born in {birth_month}.", "{first}'s birthday falls in {birth_month}."),
+    "city": ("{first} grew up in {city}.", "{first} lives in the town of {city}."),
+    "profession": ("{first} works as {profession_a}.", "By profession, {first} is {profession_a}."),
+    "employer": ("{first} is employed by {employer}.", "{first}'s employer is {employer}."),
+    "favourite_food": ("{first}'s favourite food is {favourite_food}.", "{first} loves to eat {favourite_food}."),
+    "pet": ("{first} keeps {pet_a} as a pet.", "At home, {first} looks after {pet_a}."),
+    "hobby": ("In free time, {first} enjoys {hobby}.", "{first}'s hobby is {hobby}."),
+    "favourite_colour": ("{first}'s favourite colour is {favourite_colour}.", "{first} likes the colour {favourite_colour} best."),
+    "lucky_number": ("{first}'s lucky number is {lucky_number}.", "{first} believes {lucky_number} is a lucky number."),
+}
+
+SPLITS = ("member", "nonmember", "reference")
+
+
+def _check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return int(value)
+
+
+def _with_article(noun: str) -> str:
+    return ("an " if noun[0].lower() in "aeiou" else "a ") + noun
+
+
+def _tidy_job(job: str) -> str:
+    """Faker writes jobs as 'Engineer, petroleum'; we want 'petroleum engineer'."""
+    if ", " in job:
+        head, qualifier = job.split(", ", 1)
+        job = f"{qualifier} {head}"
+    return job.lower()
+
+
+@dataclass(frozen=True)
+class Person:
+    """One fictional person of the biography world."""
+
+    name: str
+    birth_year: int
+    birth_month: str
+    city: str
+    profession: str
+    employer: str
+    favourite_food: str
+    pet: str
+    hobby: str
+    favourite_colour: str
+    lucky_number: int
+
+    @property
+    def first_name(self) -> str:
+        return self.name.split(" ")[0]
+
+    def attributes(self) -> dict:
+        """All attributes as a dict (``name`` included)."""
+        return asdict(self)
+
+
+def make_people(n: int, seed: int = 0) -> list[Person]:
+    """``n`` fictional people with distinct names, deterministic in ``seed`` (for a fixed Faker version)."""
+    n = _check_int("n", n, minimum=1)
+    seed = _check_int("seed", seed, minimum=0)
+    from faker import Faker
+
+    fake = Faker("en_US")
+    fake.seed_instance(seed)
+    rng = random.Random(seed)
+    people, seen = [], set()
+    while len(people) < n:
+        name = f"{fake.first_name()} {fake.last_name()}"
+        if name in seen:
+            continue
+        seen.add(name)
+        people.append(
+            Person(
+                name=name,
+                birth_year=rng.randint(1940, 2004),
+                birth_month=rng.choice(MONTHS),
+                city=fake.city(),
+                profession=_tidy_job(fake.job()),
+                employer=fake.company(),
+                favourite_food=rng.choice(FOODS),
+                pet=rng.choice(PETS),
+                hobby=rng.choice(HOBBIES),
+                favourite_colour=rng.choice(COLOURS),
+                lucky_number=rng.randint(1, 99),
+            )
+        )
+    return people
+
+
+def render_biography(person: Person, rng: random.Random, facts: int = 6) -> str:
+    """A short biography: the birth-year sentence, then ``facts`` other attributes in random order,
+    each in a randomly chosen phrasing."""
+    if not isinstance(person, Person):
+        raise TypeError(f"person must be a Person, got {type(person).__name__}")
+    if not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
+    facts = _check_int("facts", facts, minimum=0, maximum=len(ATTRIBUTES) - 1)
+    values = person.attributes()
+    values.update(
+        first=person.first_name,
+        profession_a=_with_article(person.profession),
+        pet_a=_with_article(person.pet),
+    )
+    chosen = ["birth_year"] + rng.sample(ATTRIBUTES[1:], facts)
+    sentences = [rng.choice(TEMPLATES[attribute]).format(**values) for attribute in chosen]
+    return " ".join(sentences)
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A planted secret (Carlini et al. 2019): ``text`` is inserted ``repeats`` times into training text.
+
+    A canary with ``repeats == 0`` is never inserted: it is the control that measures how well the
+    model knows a secret it never saw.
+    """
+
+    text: str
+    secret: str
+    repeats: int
+
+
+def make_canaries(repeats: tuple[int, ...] = (0, 1, 4, 16), per_level: int = 4, digits: int = 6,
+                  seed: int = 0) -> list[Canary]:
+    """Canaries 'The vault code of <owner> is d d d d d d .' with random digit secrets.
+
+    ``per_level`` canaries for each entry of ``repeats``. Digits are space separated so every digit
+    is one token and the secret has exactly ``10**digits`` possible values.
+    """
+    if not isinstance(repeats, (tuple, list)) or not repeats:
+        raise TypeError(f"repeats must be a non-empty tuple of ints, got {repeats!r}")
+    for r in repeats:
+        _check_int("repeats[i]", r, minimum=0)
+    per_level = _check_int("per_level", per_level, minimum=1)
+    digits = _check_int("digits", digits, minimum=1, maximum=12)
+    seed = _check_int("seed", seed, minimum=0)
+    rng = random.Random(seed + 7919)
+    owners = [f"vault {i:02d}" for i in range(len(repeats) * per_level)]
+    canaries = []
+    for i, owner in enumerate(owners):
+        secret = " ".join(str(rng.randrange(10)) for _ in range(digits))
+        canaries.append(Canary(text=f"The code of {owner} is {secret} .", secret=secret,
+                               repeats=int(repeats[i // per_level])))
+    return canaries
+
+
+def insert_canaries(texts: list[str], canaries: list[Canary], seed: int = 0) -> list[str]:
+    """Return a new list: ``texts`` plus each canary's text ``repeats`` times, shuffled in at random
+    positions (deterministic in ``seed``). ``texts`` itself is not modified."""
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of str")
+    if not isinstance(canaries, list) or not all(isinstance(c, Canary) for c in canaries):
+        raise TypeError("canaries must be a list of Canary")
+    seed = _check_int("seed", seed, minimum=0)
+    rng = random.Random(seed)
+    out = list(texts)
+    for canary in canaries:
+        for _ in range(canary.repeats):
+            out.insert(rng.randint(0, len(out)), canary.text)
+    return out
+
+
+@dataclass(frozen=True)
+class BiographyWorld:
+    """The people, their biographies and the fixed split of who is in the training set."""
+
+    people: tuple[Person, ...]
+    biographies: tuple[str, ...]
+    split: tuple[str, ...]  # one of SPLITS per person
+    canaries: tuple[Canary, ...] = field(default_factory=tuple)
+    seed: int = 0
+
+    def indices(self, split: str) -> list[int]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return [i for i, s in enumerate(self.split) if s == split]
+
+    def texts(self, split: str) -> list[str]:
+        """The biographies of one split, in a fixed order."""
+        return [self.biographies[i] for i in self.indices(split)]
+
+    def training_texts(self) -> list[str]:
+        """What the LM trains on from this world: the members' biographies with the canaries planted."""
+        return insert_canaries(self.texts("member"), list(self.canaries), seed=self.seed)
+
+
+def make_world(n_people: int = 3000, fractions: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
+               facts: int = 6, canaries: bool = True, seed: int = 0) -> BiographyWorld:
+    """Build the biography world: people, one biography each, and the member / non-member / reference
+    split (``fractions`` in that order; rounded, the remainder goes to the reference split)."""
+    n_people = _check_int("n_people", n_people, minimum=3)
+    if not isinstance(fractions, (tuple, list)) or len(fractions) != 3:
+        raise TypeError(f"fractions must be a tuple of three floats, got {fractions!r}")
+    if any((not isinstance(f, (int, float))) or f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions!r}")
+    if not isinstance(canaries, bool):
+        raise TypeError(f"canaries must be a bool, got {type(canaries).__name__}")
+    people = make_people(n_people, seed=seed)
+    rng = random.Random(seed + 1)
+    biographies = tuple(render_biography(p, rng, facts=facts) for p in people)
+    order = list(range(n_people))
+    random.Random(seed + 2).shuffle(order)
+    n_member = round(fractions[0] * n_people)
+    n_nonmember = round(fractions[1] * n_people)
+    split = [""] * n_people
+    for rank, i in enumerate(order):
+        split[i] = SPLITS[0] if rank < n_member else SPLITS[1] if rank < n_member + n_nonmember else SPLITS[2]
+    return BiographyWorld(
+        people=tuple(people), biographies=biographies, split=tuple(split),
+        canaries=tuple(make_canaries(seed=seed)) if canaries else (), seed=seed,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Python's documentation: real English on every machine
+# --------------------------------------------------------------------------------------------------
+
+#: Standard-library modules whose docstrings join the corpus. Fixed and ordered, importable on every
+#: platform without side effects (no GUI, no network).
+DOC_MODULES = (
+    "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "calendar", "collections",
+    "colorsys", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib",
+    "email.message", "enum", "fractions", "functools", "gzip", "hashlib", "heapq", "hmac", "html",
+    "http.client", "inspect", "io", "ipaddress", "itertools", "json", "logging", "math", "mimetypes",
+    "operator", "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "sched", "secrets",
+    "shlex", "shutil", "socket", "statistics", "string", "struct", "subprocess", "tarfile", "tempfile",
+    "textwrap", "threading", "time", "timeit", "tokenize", "traceback", "types", "typing", "unittest",
+    "urllib.parse", "uuid", "warnings", "weakref", "zipfile", "zlib",
+)
+
+
+@dataclass(frozen=True)
+class Document:
+    title: str
+    text: str
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _module_document(name: str) -> Document:
+    module = importlib.import_module(name)
+    parts = [inspect.getdoc(module) or ""]
+    for attr in sorted(vars(module)):
+        if attr.startswith("_"):
+            continue
+        obj = getattr(module, attr)
+        if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
+            continue
+        if getattr(obj, "__module__", None) != module.__name__:
+            continue  # re-exported from elsewhere
+        parts.append(inspect.getdoc(obj) or "")
+        if inspect.isclass(obj):
+            for method in sorted(vars(obj)):
+                member = vars(obj)[method]
+                if not method.startswith("_") and callable(member) and getattr(member, "__doc__", None):
+                    parts.append(inspect.cleandoc(member.__doc__))
+    return Document(title=f"module {name}", text=_normalise(" ".join(p for p in parts if p)))
+
+
+def python_docs() -> list[Document]:
+    """Python's help topics (``pydoc_data.topics``) and stdlib docstrings, whitespace-normalised.
+
+    Raises ``RuntimeError`` when the text is missing (``python -OO`` strips docstrings; some slim
+    Python builds drop ``pydoc_data``).
+    """
+    if sys.flags.optimize >= 2:
+        raise RuntimeError("python_docs() needs docstrings, but Python runs with -OO, which strips them; "
+                           "run without -OO")
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as error:  # pragma: no cover - present in every standard Python
+        raise RuntimeError("python_docs() needs the standard module pydoc_data, which this Python lacks") from error
+    docs = [Document(title=f"topic {key}", text=_normalise(topics[key])) for key in sorted(topics)]
+    with warnings.catch_warnings():  # reading e.g. typing.io's docstring warns that it is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        docs += [_module_document(name) for name in DOC_MODULES]
+    return [d for d in docs if len(d.text) >= 200]
+
+
+def fingerprint(texts: list[str]) -> str:
+    """A short sha256 of a list of texts: part of every cache key, shown in chapter 00."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()[:16]
+
+
+def split_documents(docs: list[Document], valid_fraction: float = 0.05, seed: int = 0
+                    ) -> tuple[list[Document], list[Document]]:
+    """Shuffle documents (seeded) and move them to validation until it holds ``valid_fraction`` of the
+    characters. Whole documents, so no validation sentence is also a training sentence."""
+    if not isinstance(docs, list) or not all(isinstance(d, Document) for d in docs):
+        raise TypeError("docs must be a list of Document")
+    if not isinstance(valid_fraction, float) or not 0 < valid_fraction < 1:
+        raise ValueError(f"valid_fraction must be a float in (0, 1), got {valid_fraction!r}")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    total = sum(len(d.text) for d in docs)
+    valid, taken = set(), 0
+    for i in order:
+        if taken >= valid_fraction * total:
+            break
+        valid.add(i)
+        taken += len(docs[i].text)
+    train_docs = [d for i, d in enumerate(docs) if i not in valid]
+    valid_docs = [d for i, d in enumerate(docs) if i in valid]
+    return train_docs, valid_docs
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Digits
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DigitsSplits:
+    """scikit-learn's digits as float tensors in [0, 1] (N x 64) and int64 labels, split in two halves:
+    ``train`` (the classifier's members) and ``test`` (non-members from the same distribution)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits: pixels scaled to [0, 1] (float32, N x 64) and labels (int64)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    return x, y
+
+
+def digits_splits(seed: int = 0, train_fraction: float = 0.5) -> DigitsSplits:
+    """A fixed, seeded split of the digits into training (members) and test (non-members)."""
+    seed = _check_int("seed", seed, minimum=0)
+    if not isinstance(train_fraction, float) or not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must be a float in (0, 1), got {train_fraction!r}")
+    x, y = load_digits_tensors()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    cut = int(round(train_fraction * len(x)))
+    train, test = order[:cut], order[cut:]
+    return DigitsSplits(x[train], y[train], x[test], y[test])

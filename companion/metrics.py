@@ -1,0 +1,166 @@
+"""The course's one implementation of its metrics: ROC, AUC, TPR at low FPR, perplexity, success rate.
+
+Score convention everywhere: **higher = more likely positive** (member, poisoned, watermarked,
+jailbroken). Every chapter scores its attacks and detectors through these functions, so "AUC" means the
+same thing on every page.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def _as_1d_array(name: str, values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(values).__name__}")
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold numbers, got dtype {array.dtype}")
+    return array
+
+
+def _check_binary_problem(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    labels = _as_1d_array("labels", labels)
+    scores = _as_1d_array("scores", scores).astype(np.float64)
+    if len(labels) != len(scores):
+        raise ValueError(f"labels and scores must have the same length, got {len(labels)} and {len(scores)}")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be 0/1 (or bool), got values {np.unique(labels)[:5].tolist()}")
+    labels = labels.astype(np.int64)
+    if labels.min() == labels.max():
+        raise ValueError(f"labels must contain both classes, got only {int(labels[0])}s")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores must be finite (no NaN or inf)")
+    return labels, scores
+
+
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact ROC curve: one point per distinct score, ties handled (tied examples cross together).
+
+    Returns ``(fpr, tpr, thresholds)``, starting at (0, 0) with threshold ``+inf``; the example is
+    predicted positive when ``score >= threshold``. Equals scikit-learn's ``roc_curve`` with
+    ``drop_intermediate=False``.
+    """
+    labels, scores = _check_binary_problem(labels, scores)
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    # the last index of each run of equal scores: thresholds sit between distinct values
+    last_of_run = np.r_[np.nonzero(np.diff(sorted_scores))[0], len(sorted_scores) - 1]
+    true_positives = np.cumsum(sorted_labels)[last_of_run]
+    false_positives = (last_of_run + 1) - true_positives
+    tpr = np.r_[0.0, true_positives / labels.sum()]
+    fpr = np.r_[0.0, false_positives / (len(labels) - labels.sum())]
+    thresholds = np.r_[np.inf, sorted_scores[last_of_run]]
+    return fpr, tpr, thresholds
+
+
+def auc(labels, scores) -> float:
+    """Area under the ROC curve (trapezoidal over the exact curve, so ties count one half)."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+
+
+def tpr_at_fpr(labels, scores, fpr: float) -> float:
+    """The highest TPR among thresholds whose FPR is at most ``fpr`` (Carlini et al. 2022's metric).
+
+    With ``n`` negatives an FPR below ``1/n`` can only be met with no false positive at all, so a
+    TPR at 0.1% FPR means something only with well over 1,000 negatives.
+    """
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)):
+        raise TypeError(f"fpr must be a float, got {type(fpr).__name__}")
+    if not 0 < fpr < 1:
+        raise ValueError(f"fpr must be in the open interval (0, 1), got {fpr}")
+    curve_fpr, curve_tpr, _ = roc_curve(labels, scores)
+    return float(curve_tpr[curve_fpr <= fpr].max())
+
+
+def advantage(labels, scores) -> float:
+    """Membership advantage, max over thresholds of TPR - FPR (Yeom et al. 2018)."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float((tpr - fpr).max())
+
+
+def attack_success_rate(successes) -> float:
+    """The fraction of attempts that succeeded (booleans or 0/1)."""
+    array = _as_1d_array("successes", successes)
+    if len(array) == 0:
+        raise ValueError("successes must not be empty")
+    if not np.isin(array, (0, 1)).all():
+        raise ValueError(f"successes must be booleans or 0/1, got values {np.unique(array)[:5].tolist()}")
+    return float(array.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Language-model losses
+# ---------------------------------------------------------------------------------------------
+
+
+def _max_positions(model) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+@torch.no_grad()
+def sequence_nll(model, tokenizer, texts: list[str], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood (nats) and number of predicted tokens, per text.
+
+    Each text is tokenised as the tokenizer does by default (our tokenizer prepends ``<|bos|>``);
+    every token after the first is predicted from its prefix. Padding is masked out, so the result
+    does not depend on ``batch_size`` or on what else is in the batch (up to float rounding).
+    Texts longer than the model's context are truncated to it.
+    """
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a non-empty list of str")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer must define a pad_token or an eos_token for batching")
+    device = next(model.parameters()).device
+    max_length = _max_positions(model)
+    sums, counts = [], []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start: start + batch_size]
+        encoded = [tokenizer(t, truncation=max_length is not None, max_length=max_length)["input_ids"]
+                   for t in chunk]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            ids[row, : len(e)] = torch.tensor(e)
+            mask[row, : len(e)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        target_log_probs = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        target_mask = mask[:, 1:].to(target_log_probs.dtype)
+        sums.append(-(target_log_probs * target_mask).sum(dim=1).cpu())
+        counts.append(target_mask.sum(dim=1).long().cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def mean_token_loss(model, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Mean per-token NLL of each text: the LOSS attack's raw signal (lower = better known)."""
+    nll, count = sequence_nll(model, tokenizer, texts, batch_size)
+    if (count == 0).any():
+        raise ValueError("every text must have at least two tokens to be scored")
+    return nll / count
+
+
+def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
+    """Corpus perplexity, ``exp(total NLL / total predicted tokens)``, padding masked."""
+    nll, count = sequence_nll(model, tokenizer, texts, batch_size)
+    if count.sum() == 0:
+        raise ValueError("texts contain no token to predict")
+    return math.exp(nll.sum().item() / count.sum().item())

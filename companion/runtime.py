@@ -1,0 +1,127 @@
+"""The runtime every notebook starts from: seeds, threads, determinism, warnings, cache and device.
+
+A chapter opens with ``companion.setup(seed=0)``. It makes the rest of the notebook reproducible on the
+reference machine (2 CPU cores) and returns a one-line summary of the environment, which the notebook
+prints so that a reader can compare their setup with the one that produced the committed outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: Thread count used for every committed output. Float reductions are summed in a different order
+#: with another thread count, so the last digits of a loss depend on it.
+REFERENCE_THREADS = 2
+
+
+def _check_int(name: str, value, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and CUDA)."""
+    seed = _check_int("seed", seed, minimum=0)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cache_dir() -> Path:
+    """Where trained models and tokenizers are kept.
+
+    ``$COMPANION_CACHE`` if set, else ``$XDG_CACHE_HOME/companion``, else ``~/.cache/companion``.
+    """
+    env = os.environ.get("COMPANION_CACHE")
+    if env:
+        path = Path(env).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = Path(base) / "companion"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def device(prefer: str = "cpu") -> torch.device:
+    """The device to run on: ``"cpu"`` (the default, and what every committed output used),
+    ``"cuda"`` (falls back to CPU with a warning when no GPU is visible) or ``"auto"``."""
+    if not isinstance(prefer, str):
+        raise TypeError(f"prefer must be a str, got {type(prefer).__name__}")
+    if prefer not in {"cpu", "cuda", "auto"}:
+        raise ValueError(f"prefer must be one of 'cpu', 'cuda', 'auto', got {prefer!r}")
+    if prefer == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if prefer == "cuda":
+        warnings.warn("prefer='cuda' but no CUDA device is visible; using the CPU", stacklevel=2)
+    return torch.device("cpu")
+
+
+def _quiet_warnings() -> None:
+    """Silence warnings whose text changes between library versions and would change stderr,
+    which strict nbval compares."""
+    for module in ("transformers", "torch", "jupyter_client", "IPython", "sklearn", "tqdm"):
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
+def setup(seed: int = 0, threads: int | None = None, deterministic: bool = True, plots: bool = True) -> str:
+    """Prepare a reproducible session and return a one-line summary of it.
+
+    Args:
+        seed: seeds ``random``, NumPy and torch.
+        threads: torch's intra-op thread count; default ``$COMPANION_THREADS`` or 2, the reference
+            machine's cores. Outputs were committed with 2.
+        deterministic: turn on ``torch.use_deterministic_algorithms`` (and the cuBLAS workspace
+            setting it needs on a GPU).
+        plots: apply the course's matplotlib style.
+    """
+    seed = _check_int("seed", seed, minimum=0)
+    if threads is None:
+        threads = int(os.environ.get("COMPANION_THREADS", REFERENCE_THREADS))
+    threads = _check_int("threads", threads, minimum=1)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if not isinstance(plots, bool):
+        raise TypeError(f"plots must be a bool, got {type(plots).__name__}")
+
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    _quiet_warnings()
+    seed_everything(seed)
+    if plots:
+        from companion import plotting
+
+        plotting.use_house_style()
+
+    import transformers
+
+    python = ".".join(map(str, sys.version_info[:3]))
+    return (
+        f"python {python} | torch {torch.__version__} | transformers {transformers.__version__} | "
+        f"device {device('auto').type} | threads {threads} | seed {seed}"
+    )

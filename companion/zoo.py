@@ -1,0 +1,330 @@
+"""The model zoo: named recipes that become trained models, cached by a hash of everything they depend on.
+
+``zoo.load("tiny-llama")`` returns ``(model, tokenizer)``, ready and in eval mode. The first call
+trains the model (at most a few minutes on 2 CPU cores) and saves it; later calls load it from
+``companion.runtime.cache_dir()``. A model that was just trained is saved and read back before it is
+returned, so a notebook prints the same thing whether its cache was cold or warm.
+
+The cache key hashes the recipe, the data's fingerprints (the biography world depends on the Faker
+version, the documentation corpus on the Python version) and the torch / transformers versions: change
+any of them and the model is retrained rather than silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from companion import data
+from companion.runtime import cache_dir, seed_everything
+from companion.tokenizer import load_tokenizer, train_tokenizer
+from companion.train import mixed_batches, pack_sequences, stream_windows, train_causal_lm, train_classifier
+
+#: Bump when the training code changes in a way that changes the weights.
+ZOO_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TokenizerRecipe:
+    vocab_size: int = 2048
+    world_seed: int = 0
+
+
+@dataclass(frozen=True)
+class LMRecipe:
+    """A causal LM trained from scratch on the documentation corpus mixed with member biographies."""
+
+    architecture: str  # "llama" or "gpt2"
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    context: int = 128
+    steps: int = 400
+    batch_size: int = 32
+    bio_per_batch: int = 16  # how many of the batch's windows are biographies; the rest documentation
+    lr: float = 3e-3
+    seed: int = 0
+    tokenizer: TokenizerRecipe = TokenizerRecipe()
+
+
+@dataclass(frozen=True)
+class ClassifierRecipe:
+    """An MLP on scikit-learn's digits, trained on the member half of ``data.digits_splits``."""
+
+    hidden: int = 256
+    epochs: int = 120
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    split_seed: int = 0
+
+
+RECIPES: dict[str, LMRecipe | ClassifierRecipe] = {
+    # The course's main model: a ~1.4M-parameter Llama (Touvron et al. 2023 architecture).
+    "tiny-llama": LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384, steps=320),
+    # A second architecture, so every LM-facing function is tested on GPT-2's Conv1D layers too.
+    "tiny-gpt2": LMRecipe(architecture="gpt2", hidden=64, layers=2, heads=2, intermediate=256, steps=300),
+    "digits-mlp": ClassifierRecipe(),
+}
+
+
+def available() -> list[str]:
+    """Names that :func:`load` accepts."""
+    return sorted(RECIPES)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data every LM recipe trains on
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LMCorpus:
+    world: data.BiographyWorld
+    train_docs: tuple[data.Document, ...]
+    valid_docs: tuple[data.Document, ...]
+
+    def fingerprint(self) -> str:
+        return data.fingerprint([*self.world.biographies, *(c.text for c in self.world.canaries),
+                                 *(d.text for d in self.train_docs), "|", *(d.text for d in self.valid_docs)])
+
+
+@lru_cache(maxsize=4)
+def corpus(world_seed: int = 0) -> LMCorpus:
+    """The biography world (3,000 people, split in thirds) and the documentation split (5% held out)."""
+    world = data.make_world(seed=world_seed)
+    train_docs, valid_docs = data.split_documents(data.python_docs(), valid_fraction=0.05, seed=world_seed)
+    return LMCorpus(world=world, train_docs=tuple(train_docs), valid_docs=tuple(valid_docs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache plumbing
+# ---------------------------------------------------------------------------------------------
+
+
+def _key(kind: str, recipe, fingerprints: list[str]) -> str:
+    import transformers
+
+    payload = json.dumps({
+        "kind": kind, "recipe": asdict(recipe), "data": fingerprints, "zoo": ZOO_VERSION,
+        "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
+    }, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _cached(folder: Path, build, read):
+    """Read ``folder``; if absent or unreadable, ``build`` into a temporary folder, move it in place,
+    and read it back. A corrupt entry is rebuilt with a warning."""
+    if folder.exists():
+        try:
+            return read(folder)
+        except Exception as error:  # noqa: BLE001 - any failure to read means rebuild
+            warnings.warn(f"cache entry {folder.name} is unreadable ({type(error).__name__}: {error}); "
+                          "rebuilding it", stacklevel=3)
+            shutil.rmtree(folder, ignore_errors=True)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    tmp.rename(folder)
+    return read(folder)
+
+
+def _zoo_dir() -> Path:
+    path = cache_dir() / "zoo"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenizer(recipe: TokenizerRecipe = TokenizerRecipe()):
+    """The course tokenizer, trained on the documentation's training split and every biography
+    (all three splits: the tokenizer is public, so it must not leak who is a member)."""
+    source = corpus(recipe.world_seed)
+    texts = [d.text for d in source.train_docs] + list(source.world.biographies)
+    folder = _zoo_dir() / f"tokenizer-{_key('tokenizer', recipe, [source.fingerprint()])}"
+
+    def build(tmp: Path) -> None:
+        train_tokenizer(texts, vocab_size=recipe.vocab_size).save_pretrained(str(tmp))
+
+    return _cached(folder, build, load_tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Language models
+# ---------------------------------------------------------------------------------------------
+
+
+def build_lm(recipe: LMRecipe, vocab_size: int, special_ids: dict[str, int]):
+    """An untrained ``LlamaForCausalLM`` or ``GPT2LMHeadModel`` from the recipe."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if recipe.architecture == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
+            num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
+            num_key_value_heads=recipe.heads, max_position_embeddings=recipe.context * 2,
+            rms_norm_eps=1e-5, tie_word_embeddings=False, **special_ids,
+        )
+        return LlamaForCausalLM(config)
+    if recipe.architecture == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size, n_embd=recipe.hidden, n_layer=recipe.layers, n_head=recipe.heads,
+            n_inner=recipe.intermediate, n_positions=recipe.context * 2, **special_ids,
+        )
+        return GPT2LMHeadModel(config)
+    raise ValueError(f"recipe.architecture must be 'llama' or 'gpt2', got {recipe.architecture!r}")
+
+
+def _train_lm(recipe: LMRecipe, tok, folder: Path, progress: bool) -> None:
+    source = corpus(recipe.tokenizer.world_seed)
+    doc_tokens: list[int] = []
+    for doc in source.train_docs:  # <bos> doc <eos> <bos> doc <eos> ...
+        doc_tokens += tok(doc.text)["input_ids"] + [tok.eos_token_id]
+    bios = [tok(text)["input_ids"] + [tok.eos_token_id] for text in source.world.training_texts()]
+    pools = [stream_windows(doc_tokens, recipe.context), pack_sequences(bios, recipe.context, tok.pad_token_id)]
+    per_batch = [recipe.batch_size - recipe.bio_per_batch, recipe.bio_per_batch]
+    special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+               "pad_token_id": tok.pad_token_id}
+    seed_everything(recipe.seed)
+    model = build_lm(recipe, len(tok), special)
+    started = time.perf_counter()
+    losses = train_causal_lm(model, mixed_batches(pools, per_batch, seed=recipe.seed), steps=recipe.steps,
+                             lr=recipe.lr, progress=progress)
+    seconds = time.perf_counter() - started
+    model.save_pretrained(str(folder / "model"))
+    tok.save_pretrained(str(folder / "tokenizer"))
+    card = {
+        "recipe": asdict(recipe), "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "losses": losses,
+        "doc_windows": len(pools[0][0]), "bio_windows": len(pools[1][0]), "corpus": source.fingerprint(),
+    }
+    (folder / "card.json").write_text(json.dumps(card))
+
+
+def _read_lm(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    json.loads((folder / "card.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(str(folder / "model"))
+    return model.eval(), load_tokenizer(folder / "tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Digits classifier
+# ---------------------------------------------------------------------------------------------
+
+
+def build_classifier(recipe: ClassifierRecipe) -> nn.Module:
+    """A two-layer MLP from 64 pixels to 10 classes."""
+    return nn.Sequential(nn.Linear(64, recipe.hidden), nn.ReLU(), nn.Linear(recipe.hidden, 10))
+
+
+def _train_classifier(recipe: ClassifierRecipe, folder: Path, progress: bool) -> None:
+    from safetensors.torch import save_file
+
+    splits = data.digits_splits(seed=recipe.split_seed)
+    seed_everything(recipe.seed)
+    model = build_classifier(recipe)
+    started = time.perf_counter()
+    losses = train_classifier(model, splits.x_train, splits.y_train, epochs=recipe.epochs,
+                              batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                              seed=recipe.seed, progress=progress)
+    seconds = time.perf_counter() - started
+    save_file(model.state_dict(), str(folder / "model.safetensors"))
+    card = {"recipe": asdict(recipe), "parameters": sum(p.numel() for p in model.parameters()),
+            "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "losses": losses}
+    (folder / "card.json").write_text(json.dumps(card))
+
+
+def _read_classifier(recipe: ClassifierRecipe):
+    def read(folder: Path) -> nn.Module:
+        from safetensors.torch import load_file
+
+        json.loads((folder / "card.json").read_text())
+        model = build_classifier(recipe)
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return model.eval()
+
+    return read
+
+
+# ---------------------------------------------------------------------------------------------
+# The public entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def _folder(name: str) -> Path:
+    recipe = RECIPES[name]
+    if isinstance(recipe, LMRecipe):
+        fingerprints = [corpus(recipe.tokenizer.world_seed).fingerprint()]
+        return _zoo_dir() / f"{name}-{_key(name, recipe, fingerprints)}"
+    return _zoo_dir() / f"{name}-{_key(name, recipe, ['sklearn-digits'])}"
+
+
+def _check_name(name) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if name not in RECIPES:
+        raise KeyError(f"unknown zoo model {name!r}; available: {', '.join(available())}")
+
+
+def load(name: str, progress: bool = False):
+    """A trained zoo model: ``(model, tokenizer)`` for language models, the ``nn.Module`` for classifiers.
+
+    Trains and caches the model on first use. ``progress=True`` shows a progress bar while training
+    (off by default so that a notebook's output does not depend on whether the cache was warm).
+    """
+    _check_name(name)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    recipe = RECIPES[name]
+    folder = _folder(name)
+    if isinstance(recipe, LMRecipe):
+        tok = tokenizer(recipe.tokenizer)
+        return _cached(folder, lambda tmp: _train_lm(recipe, tok, tmp, progress), _read_lm)
+    return _cached(folder, lambda tmp: _train_classifier(recipe, tmp, progress), _read_classifier(recipe))
+
+
+def card(name: str) -> dict:
+    """The model card of a zoo entry: recipe, parameter count, training time, per-step losses.
+    Trains the model first if it is not cached."""
+    load(name)
+    return json.loads((_folder(name) / "card.json").read_text())
+
+
+def load_hub(model_id: str, **kwargs):
+    """A real model and tokenizer from the Hugging Face Hub, for readers with a network.
+
+    The course never calls this in executed cells. Offline it fails with a clear message instead of a
+    long traceback. ``kwargs`` go to ``from_pretrained`` (e.g. ``device_map="auto"``, ``torch_dtype``).
+    """
+    if not isinstance(model_id, str) or "/" not in model_id and not Path(model_id).exists():
+        raise ValueError(f"model_id must be a hub id like 'org/name' or a local folder, got {model_id!r}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_id)
+        model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+    except OSError as error:
+        raise RuntimeError(
+            f"could not load {model_id!r} from the Hugging Face Hub or the local HF cache: {error}. "
+            "This needs a network (or a model already downloaded); the course's own models are "
+            f"available offline: {', '.join(available())}"
+        ) from error
+    return model.eval(), tok

@@ -1,0 +1,101 @@
+import random
+
+import pytest
+import torch
+
+from companion import data
+
+
+def test_world_is_deterministic_and_split():
+    a = data.make_world(n_people=90, seed=5)
+    b = data.make_world(n_people=90, seed=5)
+    assert a.biographies == b.biographies and a.split == b.split
+    c = data.make_world(n_people=90, seed=6)
+    assert a.biographies != c.biographies
+    sizes = [len(a.indices(s)) for s in data.SPLITS]
+    assert sizes == [30, 30, 30]
+    assert set(a.indices("member")).isdisjoint(a.indices("nonmember"))
+
+
+def test_people_have_distinct_names_and_all_attributes():
+    people = data.make_people(200, seed=1)
+    assert len({p.name for p in people}) == 200
+    for person in people[:20]:
+        attrs = person.attributes()
+        assert set(data.ATTRIBUTES) <= set(attrs)
+        assert 1940 <= person.birth_year <= 2004
+
+
+def test_biography_states_name_and_chosen_facts():
+    person = data.make_people(1, seed=2)[0]
+    bio = data.render_biography(person, random.Random(0), facts=9)
+    assert bio.startswith(person.name)
+    for value in (person.birth_year, person.city, person.employer, person.favourite_food, person.hobby,
+                  person.favourite_colour, person.lucky_number, person.birth_month):
+        assert str(value) in bio
+    assert len(bio.split(". ")) == 10
+
+
+def test_templates_cover_every_attribute_with_at_least_ten_in_total():
+    assert set(data.TEMPLATES) == set(data.ATTRIBUTES)
+    assert sum(len(t) for t in data.TEMPLATES.values()) >= 10
+    assert all(len(t) >= 2 for t in data.TEMPLATES.values())
+
+
+def test_canaries_are_inserted_repeats_times():
+    canaries = data.make_canaries(repeats=(0, 3), per_level=2, digits=4, seed=0)
+    assert [c.repeats for c in canaries] == [0, 0, 3, 3]
+    assert all(len(c.secret.split()) == 4 for c in canaries)
+    texts = ["a", "b", "c"]
+    out = data.insert_canaries(texts, canaries, seed=1)
+    assert texts == ["a", "b", "c"]
+    assert len(out) == 3 + 6
+    for canary in canaries:
+        assert out.count(canary.text) == canary.repeats
+    assert [t for t in out if t in texts] == texts
+
+
+def test_world_training_texts_are_members_plus_canaries():
+    world = data.make_world(n_people=30, seed=0)
+    planted = sum(c.repeats for c in world.canaries)
+    assert len(world.training_texts()) == len(world.texts("member")) + planted
+
+
+def test_python_docs_and_fingerprint():
+    docs = data.python_docs()
+    assert len(docs) > 100
+    assert sum(len(d.text) for d in docs) > 500_000
+    fp = data.fingerprint([d.text for d in docs])
+    assert fp == data.fingerprint([d.text for d in data.python_docs()]) and len(fp) == 16
+    train, valid = data.split_documents(docs, valid_fraction=0.05, seed=0)
+    assert len(train) + len(valid) == len(docs)
+    share = sum(len(d.text) for d in valid) / sum(len(d.text) for d in docs)
+    assert 0.05 <= share < 0.15
+    assert {d.title for d in train}.isdisjoint({d.title for d in valid})
+
+
+def test_digits_splits_are_fixed_and_disjoint():
+    a, b = data.digits_splits(seed=0), data.digits_splits(seed=0)
+    assert torch.equal(a.x_train, b.x_train)
+    assert len(a.x_train) + len(a.x_test) == 1797
+    assert a.x_train.dtype == torch.float32 and 0 <= a.x_train.min() and a.x_train.max() <= 1
+    assert set(a.y_train.tolist()) == set(range(10))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: data.make_people(0), "n must be >= 1"),
+    (lambda: data.make_people(2.5), "n must be an int"),
+    (lambda: data.make_world(n_people=30, fractions=(0.5, 0.5, 0.5)), "fractions"),
+    (lambda: data.make_world(n_people=30, fractions=(1.0,)), "fractions must be a tuple of three"),
+    (lambda: data.render_biography("Ann", random.Random(0)), "person must be a Person"),
+    (lambda: data.render_biography(data.make_people(1)[0], random.Random(0), facts=10), "facts must be <= 9"),
+    (lambda: data.make_canaries(repeats=()), "repeats must be a non-empty tuple"),
+    (lambda: data.make_canaries(digits=0), "digits must be >= 1"),
+    (lambda: data.insert_canaries("abc", []), "texts must be a list of str"),
+    (lambda: data.split_documents([], valid_fraction=1.5), "valid_fraction"),
+    (lambda: data.digits_splits(train_fraction=1), "train_fraction"),
+    (lambda: data.make_world(n_people=30).texts("train"), "split must be one of"),
+])
+def test_bad_inputs_raise_clear_errors(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()

@@ -1,0 +1,101 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn import metrics as skm
+
+from companion import metrics
+
+
+def test_roc_matches_sklearn_with_ties():
+    labels = [1, 0, 1, 1, 0, 0, 1, 0]
+    scores = [0.9, 0.9, 0.8, 0.5, 0.5, 0.1, 0.1, 0.0]
+    fpr, tpr, thr = metrics.roc_curve(labels, scores)
+    sk_fpr, sk_tpr, sk_thr = skm.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    np.testing.assert_allclose(thr[1:], sk_thr[1:])
+    assert metrics.auc(labels, scores) == pytest.approx(skm.roc_auc_score(labels, scores))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(-5, 5)), min_size=2, max_size=60))
+def test_auc_equals_sklearn_on_random_tied_scores(pairs):
+    labels = [int(a) for a, _ in pairs]
+    scores = [float(b) for _, b in pairs]
+    if len(set(labels)) < 2:
+        return
+    assert metrics.auc(labels, scores) == pytest.approx(skm.roc_auc_score(labels, scores))
+    fpr, tpr, _ = metrics.roc_curve(labels, scores)
+    assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
+    assert fpr[-1] == 1 and tpr[-1] == 1
+
+
+def test_tpr_at_fpr_hand_case():
+    labels = np.r_[np.ones(4), np.zeros(10)]
+    scores = np.r_[[10, 9, 2, 1], [8, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+    # no false positive above 8: 2 of 4 members; one false positive (FPR 0.1) lets all 4 through
+    assert metrics.tpr_at_fpr(labels, scores, 0.05) == 0.5
+    assert metrics.tpr_at_fpr(labels, scores, 0.1) == 1.0
+    assert metrics.advantage(labels, scores) == pytest.approx(0.9)
+
+
+def test_perfect_and_chance_scores():
+    labels = [0, 0, 1, 1]
+    assert metrics.auc(labels, [0, 1, 2, 3]) == 1.0
+    assert metrics.auc(labels, [3, 2, 1, 0]) == 0.0
+    assert metrics.auc(labels, [1, 1, 1, 1]) == 0.5
+
+
+def test_accepts_tensors_and_bools():
+    assert metrics.auc(torch.tensor([True, False]), torch.tensor([0.7, 0.2])) == 1.0
+    assert metrics.attack_success_rate([True, False, True, True]) == 0.75
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: metrics.auc([0, 1], [0.1]), ValueError, "same length"),
+    (lambda: metrics.auc([1, 1], [0.1, 0.2]), ValueError, "both classes"),
+    (lambda: metrics.auc([0, 2], [0.1, 0.2]), ValueError, "0/1"),
+    (lambda: metrics.auc([0, 1], [0.1, float("nan")]), ValueError, "finite"),
+    (lambda: metrics.auc("01", [0.1, 0.2]), TypeError, "labels must be a 1-D sequence"),
+    (lambda: metrics.auc([[0, 1]], [[0.1, 0.2]]), ValueError, "1-D"),
+    (lambda: metrics.tpr_at_fpr([0, 1], [0.1, 0.2], 0.0), ValueError, "open interval"),
+    (lambda: metrics.tpr_at_fpr([0, 1], [0.1, 0.2], 1.0), ValueError, "open interval"),
+    (lambda: metrics.tpr_at_fpr([0, 1], [0.1, 0.2], "1%"), TypeError, "fpr must be a float"),
+    (lambda: metrics.attack_success_rate([]), ValueError, "must not be empty"),
+    (lambda: metrics.attack_success_rate([0.5]), ValueError, "booleans or 0/1"),
+])
+def test_bad_inputs(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_sequence_nll_masks_padding_and_matches_manual(tiny_lm):
+    model, tok = tiny_lm
+    texts = ["Ann was born in 1970.", "A much longer text about a person who was born in a town."]
+    nll, count = metrics.sequence_nll(model, tok, texts, batch_size=2)
+    alone = [metrics.sequence_nll(model, tok, [t], batch_size=1) for t in texts]
+    for i in range(2):
+        assert nll[i].item() == pytest.approx(alone[i][0].item(), rel=1e-5)
+        assert count[i] == alone[i][1]
+    # manual computation for the first text
+    ids = torch.tensor([tok(texts[0])["input_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+    manual = -logp.gather(-1, ids[0, 1:, None]).sum().item()
+    assert nll[0].item() == pytest.approx(manual, rel=1e-5)
+    ppl = metrics.perplexity(model, tok, texts)
+    assert ppl == pytest.approx(math.exp(nll.sum().item() / count.sum().item()))
+    losses = metrics.mean_token_loss(model, tok, texts)
+    assert losses.shape == (2,)
+
+
+def test_sequence_nll_bad_inputs(tiny_lm):
+    model, tok = tiny_lm
+    with pytest.raises(TypeError, match="texts must be a non-empty list"):
+        metrics.sequence_nll(model, tok, "text")
+    with pytest.raises(ValueError, match="batch_size"):
+        metrics.sequence_nll(model, tok, ["a b"], batch_size=0)

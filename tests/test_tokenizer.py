@@ -1,0 +1,58 @@
+import pytest
+
+from companion import tokenizer as ctok
+
+
+def test_special_tokens_and_bos(small_tokenizer):
+    tok = small_tokenizer
+    for token in (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token):
+        assert token in ctok.SPECIAL_TOKENS
+    ids = tok("Ann lives in a town.")["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == "Ann lives in a town."
+
+
+def test_byte_level_never_unknown(small_tokenizer):
+    text = "Zürich 北京 🙂 ~"
+    ids = small_tokenizer(text)["input_ids"]
+    assert small_tokenizer.unk_token_id not in ids
+    assert small_tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_chat_template_roles_are_single_special_tokens(small_tokenizer):
+    tok = small_tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Ann?"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<|bos|><|system|>Be brief.<|end|><|user|>Who is Ann?<|end|><|assistant|>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tok.convert_tokens_to_ids("<|user|>")) == 1
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
+    with pytest.raises(Exception, match="role must be system, user or assistant"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+def test_save_and_load_roundtrip(small_tokenizer, tmp_path):
+    small_tokenizer.save_pretrained(str(tmp_path))
+    loaded = ctok.load_tokenizer(tmp_path)
+    text = "Ann's lucky number is 42."
+    assert loaded(text)["input_ids"] == small_tokenizer(text)["input_ids"]
+    assert loaded.chat_template == small_tokenizer.chat_template
+    assert loaded.pad_token == ctok.PAD
+
+
+def test_training_is_deterministic():
+    texts = ["the cat sat on the mat"] * 5 + ["a dog ran in the park"] * 5
+    a = ctok.train_tokenizer(texts, vocab_size=300)
+    b = ctok.train_tokenizer(texts, vocab_size=300)
+    assert a.get_vocab() == b.get_vocab()
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: ctok.train_tokenizer([]), TypeError, "texts must be a non-empty list"),
+    (lambda: ctok.train_tokenizer(["a"], vocab_size=100), ValueError, "vocab_size must be >= 264"),
+    (lambda: ctok.train_tokenizer(["a"], vocab_size=300.0), TypeError, "vocab_size must be an int"),
+    (lambda: ctok.load_tokenizer("/nonexistent/folder"), FileNotFoundError, "no tokenizer.json"),
+])
+def test_bad_inputs(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

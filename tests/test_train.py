@@ -1,0 +1,91 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from companion import train
+
+
+def test_stream_windows_cut_and_drop_tail():
+    ids, mask = train.stream_windows(list(range(10)), 4)
+    assert ids.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert mask.all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 8), min_size=1, max_size=30))
+def test_pack_sequences_keeps_every_sequence_whole(lengths):
+    sequences = [[i + 10] * n for i, n in enumerate(lengths)]
+    ids, mask = train.pack_sequences(sequences, length=8, pad_id=0)
+    assert int(mask.sum()) == sum(lengths)
+    seen = []
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        tokens = [t for t, keep in zip(row, m) if keep]
+        assert m == sorted(m, reverse=True)  # padding only at the end
+        seen += tokens
+    assert seen == [t for s in sequences for t in s]  # order kept, nothing split or lost
+
+
+def test_mixed_batches_compose_and_cover_each_pool():
+    a = (torch.arange(10).view(10, 1).repeat(1, 3), torch.ones(10, 3, dtype=torch.long))
+    b = (torch.full((4, 3), 99), torch.tensor([[1, 1, 0]] * 4))
+    stream = train.mixed_batches([a, b], [5, 2], seed=0)
+    first, second = next(stream), next(stream)
+    assert first["input_ids"].shape == (7, 3)
+    assert (first["input_ids"][5:] == 99).all()
+    assert (first["labels"][5:, 2] == -100).all()
+    rows = torch.cat([first["input_ids"][:5, 0], second["input_ids"][:5, 0]])
+    assert sorted(rows.tolist()) == list(range(10))  # one pass sees every window once
+
+
+def test_cosine_schedule_shape():
+    values = [train.cosine_schedule(s, 100, 10, 0.1) for s in range(100)]
+    assert values[9] == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(0.1, abs=1e-3)
+    assert max(values) == pytest.approx(1.0)
+
+
+def test_train_classifier_learns_and_is_deterministic():
+    x = torch.randn(200, 5, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+
+    def run():
+        torch.manual_seed(0)
+        model = nn.Linear(5, 2)
+        history = train.train_classifier(model, x, y, epochs=30, batch_size=32, lr=0.05, seed=0)
+        return model, history
+
+    (m1, h1), (m2, h2) = run(), run()
+    assert h1 == h2 and torch.equal(m1.weight, m2.weight)
+    assert h1[-1] < h1[0] * 0.5
+    assert not m1.training
+
+
+def test_train_causal_lm_reduces_loss(tiny_lm):
+    model, tok = tiny_lm
+    import copy
+
+    model = copy.deepcopy(model)
+    ids = [tok("Ann keeps a cat. Bob keeps a dog.")["input_ids"]] * 8
+    pool = train.pack_sequences(ids, 64, tok.pad_token_id)
+    losses = train.train_causal_lm(model, train.mixed_batches([pool], [4]), steps=30, lr=1e-2)
+    assert len(losses) == 30 and losses[-1] < losses[0] / 2
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: train.stream_windows([1, 2], 4), ValueError, "at least length=4"),
+    (lambda: train.stream_windows([1, 2], 0), ValueError, "length must be >= 1"),
+    (lambda: train.pack_sequences([], 4, 0), ValueError, "must not be empty"),
+    (lambda: train.pack_sequences([[1] * 5], 4, 0), ValueError, "more than length=4"),
+    (lambda: next(train.mixed_batches([], [])), ValueError, "same non-zero length"),
+    (lambda: train.train_causal_lm("model", iter([]), 1), TypeError, "model must be a torch.nn.Module"),
+    (lambda: train.train_causal_lm(nn.Linear(1, 1), iter([]), 0), ValueError, "steps must be >= 1"),
+    (lambda: train.train_causal_lm(nn.Linear(1, 1), iter([]), 1, lr=-1), ValueError, "lr must be > 0"),
+    (lambda: train.train_classifier(nn.Linear(1, 1), torch.zeros(3, 1), torch.zeros(2)), ValueError,
+     "same length"),
+    (lambda: train.train_classifier(nn.Linear(1, 1), [0], [0]), TypeError, "x and y must be tensors"),
+])
+def test_bad_inputs(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

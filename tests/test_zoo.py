@@ -1,0 +1,113 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from companion import zoo
+
+TINY = {
+    "test-llama": zoo.LMRecipe(architecture="llama", hidden=32, layers=2, heads=2, intermediate=64,
+                               context=128, steps=6, batch_size=8, bio_per_batch=4),
+    "test-gpt2": zoo.LMRecipe(architecture="gpt2", hidden=32, layers=1, heads=2, intermediate=64,
+                              context=128, steps=6, batch_size=8, bio_per_batch=4),
+    "test-digits": zoo.ClassifierRecipe(hidden=16, epochs=3),
+}
+
+
+@pytest.fixture(autouse=True)
+def tiny_recipes(monkeypatch):
+    for name, recipe in TINY.items():
+        monkeypatch.setitem(zoo.RECIPES, name, recipe)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["test-llama", "test-gpt2"])
+def test_lm_loads_in_eval_mode_with_tokenizer(name):
+    model, tok = zoo.load(name)
+    assert not model.training
+    assert len(tok) == model.get_input_embeddings().num_embeddings
+    assert model.config.pad_token_id == tok.pad_token_id
+    card = zoo.card(name)
+    assert card["recipe"]["steps"] == 6 and len(card["losses"]) == 6
+    assert card["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_trained_now_equals_loaded_from_cache():
+    fresh, tok = zoo.load("test-llama")
+    cached, _ = zoo.load("test-llama")
+    ids = torch.tensor([tok("Ann was born in 1970.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, cached(input_ids=ids).logits)
+
+
+def test_two_trainings_with_one_seed_give_identical_weights(tmp_path, monkeypatch):
+    first = _state(zoo.load("test-llama")[0])
+    monkeypatch.setenv("COMPANION_CACHE", str(tmp_path))  # a cold cache: train again
+    second = _state(zoo.load("test-llama")[0])
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_recipe_change_changes_the_cache_key(monkeypatch):
+    before = zoo._folder("test-llama")
+    monkeypatch.setitem(zoo.RECIPES, "test-llama", zoo.LMRecipe(
+        architecture="llama", hidden=32, layers=2, heads=2, intermediate=64, context=128, steps=6,
+        batch_size=8, bio_per_batch=4, seed=1))
+    assert zoo._folder("test-llama") != before
+
+
+def test_corrupt_cache_entry_is_rebuilt_with_a_warning():
+    model = zoo.load("test-digits")
+    folder = zoo._folder("test-digits")
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="unreadable"):
+        rebuilt = zoo.load("test-digits")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()))
+    json.loads((folder / "card.json").read_text())
+
+
+def test_classifier_returns_module():
+    model = zoo.load("test-digits")
+    assert isinstance(model, torch.nn.Module) and not model.training
+    assert model(torch.zeros(2, 64)).shape == (2, 10)
+
+
+def test_unknown_name_lists_available():
+    with pytest.raises(KeyError, match="available: .*tiny-llama"):
+        zoo.load("gpt-5")
+    with pytest.raises(TypeError, match="name must be a str"):
+        zoo.load(3)
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        zoo.load("test-digits", progress="yes")
+
+
+def test_build_lm_rejects_unknown_architecture():
+    recipe = zoo.LMRecipe(architecture="mamba", hidden=8, layers=1, heads=1, intermediate=8)
+    with pytest.raises(ValueError, match="architecture must be 'llama' or 'gpt2'"):
+        zoo.build_lm(recipe, 300, {})
+
+
+def test_corpus_splits_world_and_docs():
+    source = zoo.corpus()
+    assert len(source.world.people) == 3000
+    assert len(source.world.texts("member")) == 1000
+    assert source.valid_docs and source.train_docs
+    assert source.fingerprint() == zoo.corpus().fingerprint()
+
+
+def test_load_hub_fails_clearly_offline(tmp_path):
+    code = ("from companion import zoo\n"
+            "try:\n    zoo.load_hub('no-such-org/no-such-model')\n"
+            "except RuntimeError as e:\n    print('RuntimeError', e)\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "RuntimeError could not load 'no-such-org/no-such-model'" in out.stdout, out.stderr[-2000:]
+    assert "available offline" in out.stdout
+    with pytest.raises(ValueError, match="model_id must be a hub id"):
+        zoo.load_hub("nonsense")
