@@ -7,6 +7,10 @@ NB     ?= notebooks/*.ipynb
 # Same hash seed everywhere a notebook runs (execute step, nbval, tests).
 export PYTHONHASHSEED := 0
 export TQDM_DISABLE := 1
+# The CPU code paths of the reference machine (AVX2); companion sets the same defaults on import.
+export ATEN_CPU_CAPABILITY := avx2
+export MKL_CBWR := AVX2
+export ONEDNN_MAX_CPU_ISA := AVX2
 
 .PHONY: help env book test unit hygiene nbval book-html book-check execute bench clean
 

@@ -27,8 +27,9 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
+
+from companion.checks import check_bool, check_int
 
 # --------------------------------------------------------------------------------------------------
 # 1. The biography world
@@ -77,16 +78,6 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 SPLITS = ("member", "nonmember", "reference")
 
 
-def _check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return int(value)
-
-
 def _with_article(noun: str) -> str:
     return ("an " if noun[0].lower() in "aeiou" else "a ") + noun
 
@@ -126,8 +117,8 @@ class Person:
 
 def make_people(n: int, seed: int = 0) -> list[Person]:
     """``n`` fictional people with distinct names, deterministic in ``seed`` (for a fixed Faker version)."""
-    n = _check_int("n", n, minimum=1)
-    seed = _check_int("seed", seed, minimum=0)
+    n = check_int("n", n, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
     from faker import Faker
 
     fake = Faker("en_US")
@@ -157,14 +148,19 @@ def make_people(n: int, seed: int = 0) -> list[Person]:
     return people
 
 
-def render_biography(person: Person, rng: random.Random, facts: int = 6) -> str:
+def render_biography(person: Person, rng: random.Random, facts: int = 4) -> str:
     """A short biography: the birth-year sentence, then ``facts`` other attributes in random order,
     each in a randomly chosen phrasing."""
+    return _render(person, rng, facts)[0]
+
+
+def _render(person: Person, rng: random.Random, facts: int) -> tuple[str, tuple[str, ...]]:
+    """The biography and the attributes it states, in order."""
     if not isinstance(person, Person):
         raise TypeError(f"person must be a Person, got {type(person).__name__}")
     if not isinstance(rng, random.Random):
         raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
-    facts = _check_int("facts", facts, minimum=0, maximum=len(ATTRIBUTES) - 1)
+    facts = check_int("facts", facts, minimum=0, maximum=len(ATTRIBUTES) - 1)
     values = person.attributes()
     values.update(
         first=person.first_name,
@@ -173,7 +169,7 @@ def render_biography(person: Person, rng: random.Random, facts: int = 6) -> str:
     )
     chosen = ["birth_year"] + rng.sample(ATTRIBUTES[1:], facts)
     sentences = [rng.choice(TEMPLATES[attribute]).format(**values) for attribute in chosen]
-    return " ".join(sentences)
+    return " ".join(sentences), tuple(chosen)
 
 
 @dataclass(frozen=True)
@@ -199,10 +195,10 @@ def make_canaries(repeats: tuple[int, ...] = (0, 1, 4, 16), per_level: int = 4, 
     if not isinstance(repeats, (tuple, list)) or not repeats:
         raise TypeError(f"repeats must be a non-empty tuple of ints, got {repeats!r}")
     for r in repeats:
-        _check_int("repeats[i]", r, minimum=0)
-    per_level = _check_int("per_level", per_level, minimum=1)
-    digits = _check_int("digits", digits, minimum=1, maximum=12)
-    seed = _check_int("seed", seed, minimum=0)
+        check_int("repeats[i]", r, minimum=0)
+    per_level = check_int("per_level", per_level, minimum=1)
+    digits = check_int("digits", digits, minimum=1, maximum=12)
+    seed = check_int("seed", seed, minimum=0)
     rng = random.Random(seed + 7919)
     owners = [f"vault {i:02d}" for i in range(len(repeats) * per_level)]
     canaries = []
@@ -220,7 +216,7 @@ def insert_canaries(texts: list[str], canaries: list[Canary], seed: int = 0) -> 
         raise TypeError("texts must be a list of str")
     if not isinstance(canaries, list) or not all(isinstance(c, Canary) for c in canaries):
         raise TypeError("canaries must be a list of Canary")
-    seed = _check_int("seed", seed, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
     rng = random.Random(seed)
     out = list(texts)
     for canary in canaries:
@@ -236,6 +232,7 @@ class BiographyWorld:
     people: tuple[Person, ...]
     biographies: tuple[str, ...]
     split: tuple[str, ...]  # one of SPLITS per person
+    stated: tuple[tuple[str, ...], ...]  # the attributes each biography states (the rest are unknown)
     canaries: tuple[Canary, ...] = field(default_factory=tuple)
     seed: int = 0
 
@@ -254,19 +251,18 @@ class BiographyWorld:
 
 
 def make_world(n_people: int = 3000, fractions: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
-               facts: int = 6, canaries: bool = True, seed: int = 0) -> BiographyWorld:
+               facts: int = 4, canaries: bool = True, seed: int = 0) -> BiographyWorld:
     """Build the biography world: people, one biography each, and the member / non-member / reference
     split (``fractions`` in that order; rounded, the remainder goes to the reference split)."""
-    n_people = _check_int("n_people", n_people, minimum=3)
+    n_people = check_int("n_people", n_people, minimum=3)
     if not isinstance(fractions, (tuple, list)) or len(fractions) != 3:
         raise TypeError(f"fractions must be a tuple of three floats, got {fractions!r}")
     if any((not isinstance(f, (int, float))) or f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions!r}")
-    if not isinstance(canaries, bool):
-        raise TypeError(f"canaries must be a bool, got {type(canaries).__name__}")
+    check_bool("canaries", canaries)
     people = make_people(n_people, seed=seed)
     rng = random.Random(seed + 1)
-    biographies = tuple(render_biography(p, rng, facts=facts) for p in people)
+    rendered = [_render(p, rng, facts) for p in people]
     order = list(range(n_people))
     random.Random(seed + 2).shuffle(order)
     n_member = round(fractions[0] * n_people)
@@ -275,7 +271,8 @@ def make_world(n_people: int = 3000, fractions: tuple[float, float, float] = (1 
     for rank, i in enumerate(order):
         split[i] = SPLITS[0] if rank < n_member else SPLITS[1] if rank < n_member + n_nonmember else SPLITS[2]
     return BiographyWorld(
-        people=tuple(people), biographies=biographies, split=tuple(split),
+        people=tuple(people), biographies=tuple(text for text, _ in rendered), split=tuple(split),
+        stated=tuple(attributes for _, attributes in rendered),
         canaries=tuple(make_canaries(seed=seed)) if canaries else (), seed=seed,
     )
 
@@ -407,7 +404,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
 
 def digits_splits(seed: int = 0, train_fraction: float = 0.5) -> DigitsSplits:
     """A fixed, seeded split of the digits into training (members) and test (non-members)."""
-    seed = _check_int("seed", seed, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
     if not isinstance(train_fraction, float) or not 0 < train_fraction < 1:
         raise ValueError(f"train_fraction must be a float in (0, 1), got {train_fraction!r}")
     x, y = load_digits_tensors()

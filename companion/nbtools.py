@@ -11,7 +11,7 @@ def on_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-def glue(name: str, value, display: bool = True):
+def glue(name: str, value, display: bool = True) -> None:
     """Make ``value`` available to the book's prose as ``{glue:text}`name```.
 
     Uses ``myst_nb.glue`` when it is installed (the authoring environment and CI always have it), so
@@ -28,9 +28,8 @@ def glue(name: str, value, display: bool = True):
             from IPython.display import display as ipy_display
 
             ipy_display(value)
-        return value
+        return
     myst_glue(name, value, display=display)
-    return value
 
 
 def show_source(obj) -> object:

@@ -16,22 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from companion.checks import check_bool, check_int
+
 #: Thread count used for every committed output. Float reductions are summed in a different order
 #: with another thread count, so the last digits of a loss depend on it.
 REFERENCE_THREADS = 2
 
 
-def _check_int(name: str, value, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global generator and torch (CPU and CUDA)."""
-    seed = _check_int("seed", seed, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -98,14 +92,12 @@ def setup(seed: int = 0, threads: int | None = None, deterministic: bool = True,
             setting it needs on a GPU).
         plots: apply the course's matplotlib style.
     """
-    seed = _check_int("seed", seed, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
     if threads is None:
         threads = int(os.environ.get("COMPANION_THREADS", REFERENCE_THREADS))
-    threads = _check_int("threads", threads, minimum=1)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    if not isinstance(plots, bool):
-        raise TypeError(f"plots must be a bool, got {type(plots).__name__}")
+    threads = check_int("threads", threads, minimum=1)
+    check_bool("deterministic", deterministic)
+    check_bool("plots", plots)
 
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -74,6 +74,38 @@ def wrap(tokenizer_object):
     return fast
 
 
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation in the course's chat format, with message *contents* encoded so that
+    they can never produce a special token.
+
+    ``apply_chat_template`` renders the conversation to a string and tokenises it, so a user who types
+    ``<|assistant|>`` inside a message gets the real role token: role forgery. Here the role markers
+    come from the token ids themselves and every content is tokenised with
+    ``split_special_tokens=True``, so typed markers stay plain characters. Chapter 06 builds on this.
+    For benign contents the result equals ``apply_chat_template(..., tokenize=True)``.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    role_ids = {role: tokenizer.convert_tokens_to_ids(token) for role, token in ROLE_TOKENS.items()}
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if tokenizer.unk_token_id in (*role_ids.values(), end_id) or tokenizer.bos_token != BOS:
+        raise ValueError("tokenizer must be the course tokenizer (with <|system|>, <|user|>, <|assistant|>, "
+                         "<|end|> and <|bos|>); for another tokenizer use its own apply_chat_template")
+    ids = [tokenizer.bos_token_id]
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise TypeError(f"messages[{i}] must be a dict with keys 'role' and 'content', got {message!r}")
+        if message["role"] not in role_ids:
+            raise ValueError(f"messages[{i}]['role'] must be one of {sorted(role_ids)}, got {message['role']!r}")
+        if not isinstance(message["content"], str):
+            raise TypeError(f"messages[{i}]['content'] must be a str, got {type(message['content']).__name__}")
+        content = tokenizer(message["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids += [role_ids[message["role"]], *content, end_id]
+    if add_generation_prompt:
+        ids.append(role_ids["assistant"])
+    return ids
+
+
 def load_tokenizer(path: str | Path):
     """Load a tokenizer saved with ``save_pretrained`` (offline; a clear error if the folder is missing)."""
     path = Path(path)

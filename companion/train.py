@@ -12,21 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
-def _check_positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return float(value)
+from companion.checks import check_int, check_positive_float
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,7 +26,7 @@ def stream_windows(token_ids: Sequence[int], length: int) -> tuple[torch.Tensor,
     Returns ``(input_ids, attention_mask)``, both ``[n_windows, length]``. Used for running text
     (documentation) where a window may start mid-sentence, as in GPT pretraining.
     """
-    length = _check_positive_int("length", length)
+    length = check_int("length", length, minimum=1)
     if len(token_ids) < length:
         raise ValueError(f"token_ids must hold at least length={length} tokens, got {len(token_ids)}")
     n = len(token_ids) // length
@@ -55,7 +41,7 @@ def pack_sequences(sequences: Sequence[Sequence[int]], length: int, pad_id: int
     A sequence never straddles two windows, so each biography is always seen whole and from its
     first token, as it is when we score it later. Sequences longer than ``length`` are an error.
     """
-    length = _check_positive_int("length", length)
+    length = check_int("length", length, minimum=1)
     if not sequences:
         raise ValueError("sequences must not be empty")
     windows, current = [], []
@@ -86,7 +72,7 @@ def mixed_batches(pools: Sequence[tuple[torch.Tensor, torch.Tensor]], per_batch:
         raise ValueError(f"pools and per_batch must have the same non-zero length, got {len(pools)} "
                          f"and {len(per_batch)}")
     for count in per_batch:
-        _check_positive_int("per_batch[i]", count)
+        check_int("per_batch[i]", count, minimum=1)
     generator = torch.Generator().manual_seed(seed)
     orders = [torch.randperm(len(ids), generator=generator) for ids, _ in pools]
     cursors = [0] * len(pools)
@@ -133,8 +119,8 @@ def train_causal_lm(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    steps = _check_positive_int("steps", steps)
-    lr = _check_positive_float("lr", lr)
+    steps = check_int("steps", steps, minimum=1)
+    lr = check_positive_float("lr", lr)
     if not 0 <= warmup_fraction < 1:
         raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
     from tqdm.auto import tqdm
@@ -174,9 +160,9 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
         raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
     if len(x) != len(y):
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
-    epochs = _check_positive_int("epochs", epochs)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    lr = _check_positive_float("lr", lr)
+    epochs = check_int("epochs", epochs, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    lr = check_positive_float("lr", lr)
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)

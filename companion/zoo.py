@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from companion import data
+from companion.checks import check_bool
 from companion.runtime import cache_dir, seed_everything
 from companion.tokenizer import load_tokenizer, train_tokenizer
 from companion.train import mixed_batches, pack_sequences, stream_windows, train_causal_lm, train_classifier
@@ -72,7 +73,7 @@ class ClassifierRecipe:
 
 RECIPES: dict[str, LMRecipe | ClassifierRecipe] = {
     # The course's main model: a ~1.4M-parameter Llama (Touvron et al. 2023 architecture).
-    "tiny-llama": LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384, steps=320),
+    "tiny-llama": LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384, steps=280),
     # A second architecture, so every LM-facing function is tested on GPT-2's Conv1D layers too.
     "tiny-gpt2": LMRecipe(architecture="gpt2", hidden=64, layers=2, heads=2, intermediate=256, steps=300),
     "digits-mlp": ClassifierRecipe(),
@@ -291,8 +292,7 @@ def load(name: str, progress: bool = False):
     (off by default so that a notebook's output does not depend on whether the cache was warm).
     """
     _check_name(name)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    check_bool("progress", progress)
     recipe = RECIPES[name]
     folder = _folder(name)
     if isinstance(recipe, LMRecipe):

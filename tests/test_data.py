@@ -99,3 +99,11 @@ def test_digits_splits_are_fixed_and_disjoint():
 def test_bad_inputs_raise_clear_errors(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def test_world_records_which_attributes_each_biography_states():
+    world = data.make_world(n_people=30, facts=4, seed=0)
+    for person, bio, stated in zip(world.people, world.biographies, world.stated):
+        assert stated[0] == "birth_year" and len(stated) == 5 and len(set(stated)) == 5
+        for attribute in stated:
+            assert str(getattr(person, attribute)) in bio

@@ -52,7 +52,7 @@ def test_bad_inputs(call, error, message):
 def test_show_source_and_glue_fallback():
     code = nbtools.show_source(companion.metrics.auc)
     assert "def auc" in code.data
-    assert nbtools.glue("answer", 42, display=False) == 42
+    assert nbtools.glue("answer", 42, display=False) is None
     assert nbtools.on_colab() is False
 
 

@@ -1,0 +1,35 @@
+"""Time every zoo recipe from a cold cache (the budget: each model trains in at most 3 minutes).
+
+    python benchmarks/zoo_training.py
+
+Trains into a temporary cache, so the reader's cache is untouched. Prints one line per model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["COMPANION_CACHE"] = cache
+        import companion
+        from companion import zoo
+
+        print(companion.setup(seed=0))
+        started = time.perf_counter()
+        zoo.corpus()
+        zoo.tokenizer()
+        print(f"{'corpus + tokenizer':>20}: {time.perf_counter() - started:6.1f} s")
+        for name in zoo.available():
+            started = time.perf_counter()
+            zoo.load(name)
+            card = zoo.card(name)
+            print(f"{name:>20}: {time.perf_counter() - started:6.1f} s total, {card['train_seconds']:6.1f} s training, "
+                  f"{card['parameters']:,} parameters", flush=True)
+
+
+if __name__ == "__main__":
+    main()
