@@ -28,12 +28,13 @@ $(STAMP): requirements.txt pyproject.toml
 
 env: $(STAMP)
 
+# pytest exits 5 when it collects nothing (e.g. no notebook yet): that is not a failure.
 unit: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q || [ $$? -eq 5 ]
 
 nbval: $(STAMP)
 	$(PY) -m pytest -q -p no:python --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
-		--nbval-cell-timeout=900 notebooks
+		--nbval-cell-timeout=900 notebooks || [ $$? -eq 5 ]
 
 book-html: $(STAMP)
 	rm -rf _build/html

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 import warnings
@@ -134,11 +135,14 @@ def _cached(folder: Path, build, read):
             warnings.warn(f"cache entry {folder.name} is unreadable ({type(error).__name__}: {error}); "
                           "rebuilding it", stacklevel=3)
             shutil.rmtree(folder, ignore_errors=True)
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     build(tmp)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished the same entry first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
     return read(folder)
 
 

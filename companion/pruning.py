@@ -1,0 +1,379 @@
+"""Pruning a trained LM without retraining: magnitude, Wanda and SparseGPT, unstructured or N:M.
+
+The three methods differ only in how they score a weight and whether they fix up the survivors:
+
+- **Magnitude**: score ``|W_ij|``; remove the smallest in each output row.
+- **Wanda** (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs", Eq. 1):
+  ``S_ij = |W_ij| * ||X_j||_2`` where ``||X_j||_2`` is the norm of input feature ``j`` over all
+  calibration tokens; compared within each output row ``i``; no weight update.
+- **SparseGPT** (Frantar & Alistarh 2023): the layer-wise reconstruction problem
+  ``min ||W X - W' X||^2`` solved column by column with Optimal Brain Surgeon updates using the
+  inverse Hessian ``H^{-1}``, ``H = 2 X X^T + lambda I``; the mask is chosen per block of columns by
+  ``w^2 / [H^{-1}]_{jj}^2`` (their Eq. 3 and Algorithm 1).
+
+N:M sparsity (e.g. 2:4: at most 2 non-zeros in every 4 consecutive input weights) is the pattern that
+NVIDIA's sparse tensor cores accelerate. Decoder blocks are pruned one after another, each block's
+calibration inputs being the outputs of the already pruned blocks before it (as both papers do).
+
+Layers are found generically: every ``nn.Linear`` or GPT-2 ``Conv1D`` inside the model's decoder blocks
+(the largest ``nn.ModuleList`` of identical blocks); embeddings and the LM head are left dense.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from companion.checks import check_int
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the layers of any HF causal LM
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_prunable(module: nn.Module) -> bool:
+    """``nn.Linear`` or GPT-2's ``Conv1D`` (a linear layer whose weight is stored transposed)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder blocks: the longest ``nn.ModuleList`` whose items are all of one
+    class and contain linear layers (``model.layers`` in Llama, ``transformer.h`` in GPT-2, ...)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1 and any(is_prunable(m) for m in module[0].modules()):
+                if best is None or len(module) > len(best):
+                    best = module
+    if best is None:
+        raise ValueError("model has no nn.ModuleList of decoder blocks with linear layers")
+    return best
+
+
+def block_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """The prunable layers inside one block, by qualified name."""
+    return {name: module for name, module in block.named_modules() if is_prunable(module)}
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as ``[out_features, in_features]`` (a transposed view for ``Conv1D``)."""
+    return layer.weight.t() if _is_conv1d(layer) else layer.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """``None`` (unstructured) or ``"N:M"`` with ``0 < N < M``."""
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be None or a str like '2:4', got {type(pattern).__name__}")
+    parts = pattern.split(":")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"pattern must look like 'N:M' (e.g. '2:4'), got {pattern!r}")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise ValueError(f"pattern must have 0 < N < M, got {pattern!r}")
+    return n, m
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest-scoring entries in every group of ``m`` consecutive entries of the last
+    dimension; returns a bool mask (True = keep) of the same shape."""
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a tensor, got {type(scores).__name__}")
+    n, m = check_int("n", n, minimum=1), check_int("m", m, minimum=2)
+    if n >= m:
+        raise ValueError(f"n must be < m, got n={n}, m={m}")
+    if scores.shape[-1] % m:
+        raise ValueError(f"the last dimension ({scores.shape[-1]}) must be divisible by m={m}")
+    groups = scores.reshape(-1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, groups.topk(n, dim=1).indices, True)
+    return keep.reshape(scores.shape)
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Unstructured, per output row: remove the ``sparsity`` fraction of lowest scores in each row
+    (Wanda's comparison group; also used for magnitude so the two differ only in the score)."""
+    _check_sparsity(sparsity)
+    n_remove = int(scores.shape[-1] * sparsity)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if n_remove:
+        keep.scatter_(-1, scores.topk(n_remove, dim=-1, largest=False).indices, False)
+    return keep
+
+
+def _check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return float(sparsity)
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda's score (Sun et al. 2023, Eq. 1): ``|W_ij| * ||X_j||_2`` for a ``[out, in]`` weight,
+    given the per-input-feature sum of squares over the calibration tokens."""
+    if weight.shape[-1] != input_sq_norm.shape[-1]:
+        raise ValueError(f"weight has {weight.shape[-1]} inputs but input_sq_norm has {input_sq_norm.shape[-1]}")
+    return weight.abs() * input_sq_norm.sqrt().unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# SparseGPT
+# ---------------------------------------------------------------------------------------------
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
+                    nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01
+                    ) -> torch.Tensor:
+    """SparseGPT on one ``[out, in]`` weight with Hessian ``H = X X^T`` (``[in, in]``); returns the
+    pruned and updated weight (Frantar & Alistarh 2023, Algorithm 1).
+
+    Columns are processed left to right in blocks. In each block the mask keeps, per row, the weights
+    with the largest ``w^2 / [H^-1]_jj^2`` (or the N:M best); each pruned weight's error is spread
+    over the not-yet-processed columns through the Cholesky factor of ``H^-1`` (the OBS update).
+    """
+    _check_sparsity(sparsity)
+    W = weight.detach().clone().float()
+    columns = W.shape[1]
+    H = hessian.detach().clone().float()
+    if H.shape != (columns, columns):
+        raise ValueError(f"hessian must be [{columns}, {columns}], got {list(H.shape)}")
+    dead = torch.diag(H) == 0  # inputs that were always zero: any weight there is free to prune
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(columns)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    for start in range(0, columns, blocksize):
+        end = min(start + blocksize, columns)
+        W1 = W[:, start:end].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[start:end, start:end]
+        if nm is None:
+            saliency = W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+            threshold = torch.sort(saliency.flatten())[0][int(saliency.numel() * sparsity)] \
+                if sparsity > 0 else -1.0
+            prune_mask = saliency <= threshold if sparsity > 0 else torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            prune_mask = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(end - start):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if nm is not None and i % nm[1] == 0:
+                group = W1[:, i: i + nm[1]] ** 2 / torch.diag(Hinv1)[i: i + nm[1]].reshape(1, -1) ** 2
+                prune_mask[:, i: i + nm[1]] = ~nm_mask(group, nm[0], nm[1])
+            q = w.clone()
+            q[prune_mask[:, i]] = 0
+            Q1[:, i] = q
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, start:end] = Q1
+        W[:, end:] -= Err1 @ Hinv[start:end, end:]
+    return W.to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sequential, block-by-block driver
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune` did: per layer sparsity and the time it took."""
+
+    method: str
+    sparsity: float
+    pattern: str | None
+    nsamples: int
+    seconds: float
+    layers: dict[str, float] = field(default_factory=dict)  # layer name -> fraction of zeros
+
+    @property
+    def overall(self) -> float:
+        return sum(self.layers.values()) / max(1, len(self.layers))
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor):
+    """Run the model up to its first block and capture, per calibration sequence, the hidden states
+    and the keyword arguments that the block receives (masks, rotary embeddings, ...)."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        captured.append((args[0] if args else kwargs.pop("hidden_states"), args[1:], kwargs))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for row in calib:
+            try:
+                model(input_ids=row.unsqueeze(0), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, inputs):
+    outputs = []
+    for hidden, args, kwargs in inputs:
+        out = block(hidden, *args, **kwargs)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+@torch.no_grad()
+def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, pattern: str | None = None,
+          calib: torch.Tensor | None = None, nsamples: int | None = None) -> PruneReport:
+    """Prune every linear layer in the model's decoder blocks, in place, and report what was done.
+
+    Args:
+        model: any HF causal LM (Llama-style ``nn.Linear`` or GPT-2 ``Conv1D`` layers).
+        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
+        sparsity: the fraction of weights removed (unstructured); ignored for an N:M pattern,
+            whose sparsity is ``1 - N/M``.
+        pattern: ``None`` (unstructured) or ``"N:M"``, e.g. ``"2:4"``.
+        calib: calibration token ids ``[nsamples, seq_len]`` (Wanda and SparseGPT need them).
+        nsamples: use only the first ``nsamples`` rows of ``calib``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    nm = parse_pattern(pattern)
+    sparsity = 1 - nm[0] / nm[1] if nm else _check_sparsity(sparsity)
+    blocks = decoder_blocks(model)
+    if method != "magnitude":
+        if not isinstance(calib, torch.Tensor) or calib.ndim != 2 or len(calib) == 0:
+            raise ValueError(f"method {method!r} needs calib, a [nsamples, seq_len] tensor of token ids, "
+                             f"got {type(calib).__name__ if calib is None else tuple(getattr(calib, 'shape', ()))}")
+        if nsamples is not None:
+            calib = calib[: check_int("nsamples", nsamples, minimum=1)]
+    for name, layer in ((n, l) for block in blocks for n, l in block_layers(block).items()):
+        if nm and weight_matrix(layer).shape[1] % nm[1]:
+            raise ValueError(f"layer {name} has {weight_matrix(layer).shape[1]} inputs, not divisible by M={nm[1]}")
+
+    started = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    inputs = _block_inputs(model, blocks, calib.to(next(model.parameters()).device)) if method != "magnitude" else None
+    report = PruneReport(method=method, sparsity=sparsity, pattern=pattern,
+                         nsamples=0 if calib is None or method == "magnitude" else len(calib), seconds=0.0)
+    for index, block in enumerate(blocks):
+        layers = block_layers(block)
+        stats = {}
+        if inputs is not None:
+            handles = []
+            for name, layer in layers.items():
+                stats[name] = {"sq": None, "H": None, "n": 0}
+
+                def collect(module, args, output, name=name):
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    entry = stats[name]
+                    if method == "wanda":
+                        sq = (x**2).sum(0)
+                        entry["sq"] = sq if entry["sq"] is None else entry["sq"] + sq
+                    else:
+                        H = x.t() @ x
+                        entry["H"] = H if entry["H"] is None else entry["H"] + H
+                    entry["n"] += x.shape[0]
+
+                handles.append(layer.register_forward_hook(collect))
+            _run_block(block, inputs)
+            for handle in handles:
+                handle.remove()
+        for name, layer in layers.items():
+            W = weight_matrix(layer)
+            if method == "sparsegpt":
+                new = sparsegpt_prune(W, 2 * stats[name]["H"] / stats[name]["n"], sparsity, nm)
+            else:
+                scores = W.abs() if method == "magnitude" else wanda_scores(W, stats[name]["sq"])
+                keep = nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
+                new = W * keep
+            W.copy_(new)  # W is a view for Conv1D, so this writes the transposed storage
+            report.layers[f"block{index}.{name}"] = float((W == 0).float().mean())
+        if inputs is not None:
+            outputs = _run_block(block, inputs)  # the pruned block feeds the next one
+            inputs = [(out, args, kwargs) for out, (_, args, kwargs) in zip(outputs, inputs)]
+    model.train(was_training)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def sparsity_report(model: nn.Module) -> dict[str, float]:
+    """Fraction of exactly-zero weights in each prunable layer of the decoder blocks, plus ``"overall"``."""
+    result, zeros, total = {}, 0, 0
+    for index, block in enumerate(decoder_blocks(model)):
+        for name, layer in block_layers(block).items():
+            W = layer.weight
+            result[f"block{index}.{name}"] = float((W == 0).float().mean())
+            zeros += int((W == 0).sum())
+            total += W.numel()
+    result["overall"] = zeros / total
+    return result
+
+
+def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of ``m`` consecutive inputs of every row has at most ``n`` non-zeros."""
+    if weight.shape[-1] % m:
+        return False
+    return bool(((weight.reshape(-1, m) != 0).sum(1) <= n).all())
+
+
+def semi_structured_bytes(out_features: int, in_features: int, bits: int = 16) -> dict[str, int]:
+    """Storage of a 2:4 weight: half the values plus 2-bit indices per kept value (NVIDIA's format
+    stores, for each group of 4, which 2 positions are kept), versus the dense matrix."""
+    check_int("out_features", out_features, minimum=1)
+    check_int("in_features", in_features, minimum=4)
+    dense = out_features * in_features * bits // 8
+    values = dense // 2
+    metadata = math.ceil(out_features * in_features // 2 * 2 / 8)
+    return {"dense": dense, "values": values, "metadata": metadata, "sparse_total": values + metadata}
+
+
+def to_semi_structured(model: nn.Module) -> int:
+    """Convert every 2:4-sparse ``nn.Linear`` weight in the decoder blocks to PyTorch's semi-structured
+    sparse tensor (``torch.sparse.to_sparse_semi_structured``), in place; returns how many were converted.
+
+    Needs a CUDA GPU of compute capability >= 8.0 and half-precision weights; raises ``RuntimeError``
+    elsewhere (zeros alone bring no speed on a CPU).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("to_semi_structured needs a CUDA GPU (compute capability >= 8.0); none is visible. "
+                           "On a CPU, 2:4 zeros save nothing: keep the dense (masked) model")
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        raise RuntimeError(f"to_semi_structured needs compute capability >= 8.0, this GPU has {major}.x")
+    from torch.sparse import to_sparse_semi_structured
+
+    converted = 0
+    for block in decoder_blocks(model):
+        for layer in block_layers(block).values():
+            if isinstance(layer, nn.Linear) and layer.weight.is_cuda and is_nm_sparse(layer.weight, 2, 4):
+                layer.weight = nn.Parameter(to_sparse_semi_structured(layer.weight.detach()), requires_grad=False)
+                converted += 1
+    return converted

@@ -1,0 +1,166 @@
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from companion import pruning
+
+
+def _calib(tok, n=8, length=32):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(10, len(tok), (n, length), generator=g)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 3).flatmap(lambda n: st.tuples(st.just(n), st.integers(n + 1, 8))),
+       st.integers(1, 4), st.integers(1, 5), st.integers(0, 10_000))
+def test_nm_mask_keeps_exactly_n_of_every_m(nm, rows, groups, seed):
+    n, m = nm
+    scores = torch.rand(rows, groups * m, generator=torch.Generator().manual_seed(seed))
+    keep = pruning.nm_mask(scores, n, m)
+    assert keep.shape == scores.shape
+    assert (keep.reshape(-1, m).sum(1) == n).all()
+    # the kept entries are the group's largest
+    grouped, kept = scores.reshape(-1, m), keep.reshape(-1, m)
+    assert (grouped[kept].reshape(-1, n).min(1).values >= grouped.masked_fill(kept, -1).max(1).values).all()
+
+
+def test_row_mask_removes_fraction_per_row():
+    scores = torch.arange(20.0).reshape(2, 10)
+    keep = pruning.row_mask(scores, 0.3)
+    assert keep.sum(1).tolist() == [7, 7]
+    assert not keep[:, :3].any() and keep[:, 3:].all()
+
+
+def test_wanda_scores_equal_the_formula():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(6, 8, generator=g)
+    X = torch.randn(50, 8, generator=g)
+    direct = torch.stack([torch.stack([W[i, j].abs() * X[:, j].norm() for j in range(8)]) for i in range(6)])
+    assert torch.allclose(pruning.wanda_scores(W, (X**2).sum(0)), direct, atol=1e-5)
+
+
+def test_wanda_mask_on_a_random_layer_matches_direct_computation(tiny_lm):
+    model, tok = tiny_lm
+    model = copy.deepcopy(model)
+    block = pruning.decoder_blocks(model)[0]
+    name, layer = next(iter(pruning.block_layers(block).items()))
+    captured = []
+    handle = layer.register_forward_hook(lambda m, a, o: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+    calib = _calib(tok)
+    with torch.no_grad():
+        for row in calib:
+            model(input_ids=row.unsqueeze(0))
+    handle.remove()
+    X = torch.cat(captured)
+    W = pruning.weight_matrix(layer).detach().clone()
+    expected = W * pruning.row_mask(W.abs() * X.norm(dim=0), 0.5)
+    pruning.prune(model, "wanda", 0.5, calib=calib)
+    assert torch.allclose(pruning.weight_matrix(layer), expected)
+
+
+@pytest.mark.parametrize("method", pruning.METHODS)
+@pytest.mark.parametrize("pattern", [None, "2:4", "4:8"])
+def test_prune_reaches_the_requested_sparsity_on_both_architectures(tiny_lm, method, pattern):
+    model, tok = tiny_lm
+    model = copy.deepcopy(model)
+    report = pruning.prune(model, method, 0.5, pattern, calib=_calib(tok))
+    assert report.overall == pytest.approx(0.5, abs=0.02)
+    for block in pruning.decoder_blocks(model):
+        for layer in pruning.block_layers(block).values():
+            W = pruning.weight_matrix(layer)
+            if pattern:
+                n, m = pruning.parse_pattern(pattern)
+                assert pruning.is_nm_sparse(W, n, m)
+            else:
+                assert ((W == 0).sum(1) >= int(0.5 * W.shape[1]) - 1).all() or method == "sparsegpt"
+    assert pruning.sparsity_report(model)["overall"] == pytest.approx(0.5, abs=0.02)
+    # embeddings and the LM head stay dense
+    assert (model.get_input_embeddings().weight != 0).float().mean() > 0.99
+
+
+def test_conv1d_orientation_is_handled(small_tokenizer):
+    from companion.zoo import LMRecipe, build_lm
+
+    model = build_lm(LMRecipe(architecture="gpt2", hidden=32, layers=1, heads=2, intermediate=64), len(small_tokenizer), {})
+    attn = model.transformer.h[0].attn.c_attn  # Conv1D: weight is [in=32, out=96]
+    assert attn.weight.shape == (32, 96) and pruning.weight_matrix(attn).shape == (96, 32)
+    pruning.prune(model, "magnitude", pattern="2:4")
+    assert pruning.is_nm_sparse(pruning.weight_matrix(attn), 2, 4)  # groups run along the input dimension
+
+
+def test_sequential_pruning_feeds_pruned_activations(tiny_lm, monkeypatch):
+    model, tok = tiny_lm
+    model = copy.deepcopy(model)
+    blocks = pruning.decoder_blocks(model)
+    seen = []
+    original = pruning._run_block
+
+    def spy(block, inputs):
+        if block is blocks[1] and not seen:
+            seen.append(inputs[0][0].clone())
+        return original(block, inputs)
+
+    monkeypatch.setattr(pruning, "_run_block", spy)
+    calib = _calib(tok, n=1)
+    pruning.prune(model, "wanda", 0.5, calib=calib)
+    # what block 1 received must equal block 0's output *after* block 0 was pruned
+    captured = []
+    handle = blocks[1].register_forward_pre_hook(lambda m, a, k: captured.append((a[0] if a else k["hidden_states"]).clone()),
+                                                 with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=calib)
+    handle.remove()
+    assert torch.allclose(seen[0], captured[0], atol=1e-5)
+
+
+def test_sparsegpt_reconstructs_better_than_magnitude():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 64, generator=g) * torch.linspace(0.2, 3, 64)  # uneven input scales
+    W = torch.randn(32, 64, generator=g)
+    H = X.t() @ X
+    dense_out = X @ W.t()
+    magnitude = W * pruning.row_mask(W.abs(), 0.5)
+    sparse = pruning.sparsegpt_prune(W, H, 0.5)
+    assert (sparse == 0).float().mean() == pytest.approx(0.5, abs=0.02)
+    err_mag = (X @ magnitude.t() - dense_out).pow(2).sum()
+    err_sgpt = (X @ sparse.t() - dense_out).pow(2).sum()
+    assert err_sgpt < 0.7 * err_mag
+    nm = pruning.sparsegpt_prune(W, H, 0.5, nm=(2, 4))
+    assert pruning.is_nm_sparse(nm, 2, 4)
+
+
+def test_semi_structured_storage():
+    sizes = pruning.semi_structured_bytes(128, 128)
+    assert sizes["dense"] == 128 * 128 * 2 and sizes["values"] == sizes["dense"] // 2
+    assert sizes["metadata"] == 128 * 64 * 2 // 8
+    assert sizes["sparse_total"] < sizes["dense"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_to_semi_structured_fails_clearly_on_cpu(tiny_lm):
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        pruning.to_semi_structured(tiny_lm[0])
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m, c: pruning.prune(m, "random", calib=c), ValueError, "method must be one of"),
+    (lambda m, c: pruning.prune(m, "wanda", 1.0, calib=c), ValueError, "sparsity must be in"),
+    (lambda m, c: pruning.prune(m, "wanda", -0.1, calib=c), ValueError, "sparsity must be in"),
+    (lambda m, c: pruning.prune(m, "wanda", "half", calib=c), TypeError, "sparsity must be a float"),
+    (lambda m, c: pruning.prune(m, "wanda", pattern="4:2", calib=c), ValueError, "0 < N < M"),
+    (lambda m, c: pruning.prune(m, "wanda", pattern="2-4", calib=c), ValueError, "look like 'N:M'"),
+    (lambda m, c: pruning.prune(m, "wanda", pattern="3:7", calib=c), ValueError, "not divisible by M=7"),
+    (lambda m, c: pruning.prune(m, "wanda"), ValueError, "needs calib"),
+    (lambda m, c: pruning.prune(m, "sparsegpt", calib=c[0]), ValueError, "needs calib"),
+    (lambda m, c: pruning.nm_mask(torch.rand(2, 6), 2, 4), ValueError, "divisible by m=4"),
+    (lambda m, c: pruning.nm_mask([1, 2], 2, 4), TypeError, "scores must be a tensor"),
+    (lambda m, c: pruning.decoder_blocks(nn.Linear(2, 2)), ValueError, "no nn.ModuleList"),
+])
+def test_bad_inputs(tiny_lm, call, error, message):
+    model, tok = tiny_lm
+    with pytest.raises(error, match=message):
+        call(copy.deepcopy(model), _calib(tok))
