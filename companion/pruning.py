@@ -377,3 +377,68 @@ def to_semi_structured(model: nn.Module) -> int:
                 layer.weight = nn.Parameter(to_sparse_semi_structured(layer.weight.detach()), requires_grad=False)
                 converted += 1
     return converted
+
+
+# ---------------------------------------------------------------------------------------------
+# Looking inside: input-feature norms, and a constructed outlier model
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def input_feature_norms(model: nn.Module, calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``||X_j||_2`` over all calibration tokens for every input feature of every prunable layer in the
+    decoder blocks (of the model as it is, without pruning): Wanda's activation factor."""
+    if not isinstance(calib, torch.Tensor) or calib.ndim != 2:
+        raise ValueError(f"calib must be a [nsamples, seq_len] tensor of token ids, got {type(calib).__name__}")
+    sums, handles = {}, []
+    for index, block in enumerate(decoder_blocks(model)):
+        for name, layer in block_layers(block).items():
+            key = f"block{index}.{name}"
+
+            def collect(module, args, output, key=key):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sums[key] = sums.get(key, 0) + (x**2).sum(0)
+
+            handles.append(layer.register_forward_hook(collect))
+    try:
+        for row in calib:
+            model(input_ids=row.unsqueeze(0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key: value.sqrt() for key, value in sums.items()}
+
+
+@torch.no_grad()
+def plant_outlier_channels(model: nn.Module, channels: int = 8, alpha: float = 20.0) -> list[list[int]]:
+    """A constructed, function-preserving change that gives a Llama-style model LLM-like outlier features.
+
+    In every decoder block, for each RMSNorm (``input_layernorm``, ``post_attention_layernorm``) we take
+    the ``channels`` most important hidden channels, importance being ``|g_c| * sum ||W[:, c]||`` over
+    the linear layers that read the norm's output (q/k/v, or gate/up), multiply the norm's weight ``g_c``
+    by ``alpha`` and divide those input columns by ``alpha``. The model computes exactly the same
+    function, but the chosen input features are now ``alpha`` times larger and their weights ``alpha``
+    times smaller: the signature of the outlier features of large LLMs (Dettmers et al. 2022). Magnitude
+    pruning then removes the shrunken, important weights; Wanda's ``|W| * ||X||`` does not change.
+    Returns the chosen channels per norm. Needs Llama's module names.
+    """
+    check_int("channels", channels, minimum=1)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    readers = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+               "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+    chosen = []
+    for block in decoder_blocks(model):
+        for norm_name, linear_names in readers.items():
+            norm = getattr(block, norm_name, None)
+            if norm is None or not hasattr(norm, "weight"):
+                raise ValueError("plant_outlier_channels needs Llama-style blocks (input_layernorm, "
+                                 f"post_attention_layernorm, q/k/v/gate/up projections); got {type(block).__name__}")
+            linears = [block.get_submodule(name) for name in linear_names]
+            importance = norm.weight.abs() * sum(layer.weight.norm(dim=0) for layer in linears)
+            picked = importance.topk(channels).indices
+            norm.weight[picked] *= alpha
+            for layer in linears:
+                layer.weight[:, picked] /= alpha
+            chosen.append(sorted(picked.tolist()))
+    return chosen

@@ -164,3 +164,46 @@ def test_bad_inputs(tiny_lm, call, error, message):
     model, tok = tiny_lm
     with pytest.raises(error, match=message):
         call(copy.deepcopy(model), _calib(tok))
+
+
+def test_input_feature_norms_match_a_direct_computation(tiny_lm):
+    model, tok = tiny_lm
+    calib = _calib(tok, n=2, length=16)
+    norms = pruning.input_feature_norms(model, calib)
+    layer = next(iter(pruning.block_layers(pruning.decoder_blocks(model)[0]).values()))
+    captured = []
+    handle = layer.register_forward_hook(lambda m, a, o: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for row in calib:
+            model(input_ids=row.unsqueeze(0))
+    handle.remove()
+    first = next(iter(norms.values()))
+    assert torch.allclose(first, torch.cat(captured).norm(dim=0), atol=1e-5)
+    assert len(norms) == sum(len(pruning.block_layers(b)) for b in pruning.decoder_blocks(model))
+
+
+def test_planted_outliers_preserve_the_function_and_leave_wanda_unchanged(small_tokenizer):
+    from companion.zoo import LMRecipe, build_lm
+
+    torch.manual_seed(0)
+    model = build_lm(LMRecipe(architecture="llama", hidden=32, layers=2, heads=2, intermediate=64),
+                     len(small_tokenizer), {}).eval()
+    with torch.no_grad():  # a random RMSNorm weight, so the test does not rely on all-ones
+        for block in pruning.decoder_blocks(model):
+            block.input_layernorm.weight.uniform_(0.5, 1.5)
+    calib = _calib(small_tokenizer, n=4, length=16)
+    rescaled = copy.deepcopy(model)
+    pruning.plant_outlier_channels(rescaled, channels=3, alpha=20.0)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=calib).logits, rescaled(input_ids=calib).logits, atol=1e-4)
+    a, b = copy.deepcopy(model), copy.deepcopy(rescaled)
+    pruning.prune(a, "wanda", pattern="2:4", calib=calib)
+    pruning.prune(b, "wanda", pattern="2:4", calib=calib)
+    masks_a = [(pruning.weight_matrix(l) == 0) for blk in pruning.decoder_blocks(a) for l in pruning.block_layers(blk).values()]
+    masks_b = [(pruning.weight_matrix(l) == 0) for blk in pruning.decoder_blocks(b) for l in pruning.block_layers(blk).values()]
+    agree = sum(int((x == y).sum()) for x, y in zip(masks_a, masks_b)) / sum(x.numel() for x in masks_a)
+    assert agree > 0.99  # Wanda's score is invariant to the rescaling (up to float ties)
+    with pytest.raises(ValueError, match="needs Llama-style blocks"):
+        from companion.zoo import LMRecipe as R
+        gpt2 = build_lm(R(architecture="gpt2", hidden=32, layers=1, heads=2, intermediate=64), len(small_tokenizer), {})
+        pruning.plant_outlier_channels(gpt2)
