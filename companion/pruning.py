@@ -121,6 +121,17 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep
 
 
+def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Unstructured, per layer: remove the ``sparsity`` fraction of lowest scores in the whole matrix
+    (classic magnitude pruning; rows may lose very different numbers of weights)."""
+    _check_sparsity(sparsity)
+    n_remove = int(scores.numel() * sparsity)
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if n_remove:
+        keep[scores.flatten().topk(n_remove, largest=False).indices] = False
+    return keep.view_as(scores)
+
+
 def _check_sparsity(sparsity) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
@@ -250,7 +261,7 @@ def _run_block(block: nn.Module, inputs):
 
 @torch.no_grad()
 def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, pattern: str | None = None,
-          calib: torch.Tensor | None = None, nsamples: int | None = None) -> PruneReport:
+          calib: torch.Tensor | None = None, nsamples: int | None = None, compare: str = "row") -> PruneReport:
     """Prune every linear layer in the model's decoder blocks, in place, and report what was done.
 
     Args:
@@ -261,9 +272,13 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
         pattern: ``None`` (unstructured) or ``"N:M"``, e.g. ``"2:4"``.
         calib: calibration token ids ``[nsamples, seq_len]`` (Wanda and SparseGPT need them).
         nsamples: use only the first ``nsamples`` rows of ``calib``.
+        compare: for unstructured magnitude or Wanda, compare scores within each output ``"row"``
+            (Wanda's choice) or across the whole ``"layer"`` (classic magnitude pruning).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if compare not in ("row", "layer"):
+        raise ValueError(f"compare must be 'row' or 'layer', got {compare!r}")
     nm = parse_pattern(pattern)
     sparsity = 1 - nm[0] / nm[1] if nm else _check_sparsity(sparsity)
     blocks = decoder_blocks(model)
@@ -312,7 +327,7 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
                 new = sparsegpt_prune(W, 2 * stats[name]["H"] / stats[name]["n"], sparsity, nm)
             else:
                 scores = W.abs() if method == "magnitude" else wanda_scores(W, stats[name]["sq"])
-                keep = nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
+                keep = nm_mask(scores, *nm) if nm else (row_mask if compare == "row" else layer_mask)(scores, sparsity)
                 new = W * keep
             W.copy_(new)  # W is a view for Conv1D, so this writes the transposed storage
             report.layers[f"block{index}.{name}"] = float((W == 0).float().mean())

@@ -207,3 +207,21 @@ def test_planted_outliers_preserve_the_function_and_leave_wanda_unchanged(small_
         from companion.zoo import LMRecipe as R
         gpt2 = build_lm(R(architecture="gpt2", hidden=32, layers=1, heads=2, intermediate=64), len(small_tokenizer), {})
         pruning.plant_outlier_channels(gpt2)
+
+
+def test_layer_mask_compares_across_the_whole_matrix():
+    scores = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]])
+    keep = pruning.layer_mask(scores, 0.5)
+    assert keep.tolist() == [[False, False, False, False], [True, True, True, True]]
+    assert pruning.row_mask(scores, 0.5).sum(1).tolist() == [2, 2]
+
+
+def test_prune_compare_layer_for_magnitude(tiny_lm):
+    model, tok = tiny_lm
+    model = copy.deepcopy(model)
+    pruning.prune(model, "magnitude", 0.5, compare="layer")
+    for block in pruning.decoder_blocks(model):
+        for layer in pruning.block_layers(block).values():
+            assert (pruning.weight_matrix(layer) == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="compare must be 'row' or 'layer'"):
+        pruning.prune(model, "magnitude", 0.5, compare="column")
