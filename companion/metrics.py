@@ -111,25 +111,21 @@ def _max_positions(model) -> int | None:
     return None
 
 
-@torch.no_grad()
-def sequence_nll(model, tokenizer, texts: list[str], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed negative log-likelihood (nats) and number of predicted tokens, per text.
-
-    Each text is tokenised as the tokenizer does by default (our tokenizer prepends ``<|bos|>``);
-    every token after the first is predicted from its prefix. Padding is masked out, so the result
-    does not depend on ``batch_size`` or on what else is in the batch (up to float rounding).
-    Texts longer than the model's context are truncated to it.
-    """
+def _check_texts(texts, batch_size) -> None:
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must be a non-empty list of str")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def _log_prob_batches(model, tokenizer, texts: list[str], batch_size: int):
+    """Yield, per batch, the full next-token log-probabilities ``[B, T-1, V]``, the log-probability of
+    each actual next token ``[B, T-1]`` and the mask of real (non-padding) targets ``[B, T-1]``."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("tokenizer must define a pad_token or an eos_token for batching")
     device = next(model.parameters()).device
     max_length = _max_positions(model)
-    sums, counts = [], []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start: start + batch_size]
         encoded = [tokenizer(t, truncation=max_length is not None, max_length=max_length)["input_ids"]
@@ -144,10 +140,52 @@ def sequence_nll(model, tokenizer, texts: list[str], batch_size: int = 32) -> tu
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         log_probs = torch.log_softmax(logits, dim=-1)
         target_log_probs = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        target_mask = mask[:, 1:].to(target_log_probs.dtype)
+        yield log_probs, target_log_probs, mask[:, 1:]
+
+
+@torch.no_grad()
+def sequence_nll(model, tokenizer, texts: list[str], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood (nats) and number of predicted tokens, per text.
+
+    Each text is tokenised as the tokenizer does by default (our tokenizer prepends ``<|bos|>``);
+    every token after the first is predicted from its prefix. Padding is masked out, so the result
+    does not depend on ``batch_size`` or on what else is in the batch (up to float rounding).
+    Texts longer than the model's context are truncated to it.
+    """
+    _check_texts(texts, batch_size)
+    sums, counts = [], []
+    for _, target_log_probs, mask in _log_prob_batches(model, tokenizer, texts, batch_size):
+        target_mask = mask.to(target_log_probs.dtype)
         sums.append(-(target_log_probs * target_mask).sum(dim=1).cpu())
         counts.append(target_mask.sum(dim=1).long().cpu())
     return torch.cat(sums), torch.cat(counts)
+
+
+@torch.no_grad()
+def token_log_probs(model, tokenizer, texts: list[str], batch_size: int = 32, moments: bool = False
+                    ) -> list[dict[str, torch.Tensor]]:
+    """Per text, the log-probability of every predicted token (``"log_prob"``, length ``T-1``).
+
+    With ``moments=True`` also the mean and standard deviation of ``log p(z | prefix)`` over the
+    vocabulary ``z ~ p(. | prefix)`` at each position (``"mean"``, ``"std"``), which Min-K%++
+    (Zhang et al. 2024, Eq. 2) needs. One forward pass per batch feeds every LM membership score.
+    """
+    _check_texts(texts, batch_size)
+    if not isinstance(moments, bool):
+        raise TypeError(f"moments must be a bool, got {type(moments).__name__}")
+    results = []
+    for log_probs, target_log_probs, mask in _log_prob_batches(model, tokenizer, texts, batch_size):
+        if moments:
+            probs = log_probs.exp()
+            mean = (probs * log_probs).sum(-1)
+            std = ((probs * log_probs**2).sum(-1) - mean**2).clamp_min(0).sqrt()
+        for row in range(len(target_log_probs)):
+            keep = mask[row].bool()
+            entry = {"log_prob": target_log_probs[row, keep].cpu()}
+            if moments:
+                entry["mean"], entry["std"] = mean[row, keep].cpu(), std[row, keep].cpu()
+            results.append(entry)
+    return results
 
 
 def mean_token_loss(model, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Tensor:
