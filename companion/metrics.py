@@ -118,9 +118,14 @@ def _check_texts(texts, batch_size) -> None:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
-def _log_prob_batches(model, tokenizer, texts: list[str], batch_size: int):
-    """Yield, per batch, the full next-token log-probabilities ``[B, T-1, V]``, the log-probability of
-    each actual next token ``[B, T-1]`` and the mask of real (non-padding) targets ``[B, T-1]``."""
+def log_prob_batches(model, tokenizer, texts: list[str], batch_size: int = 32):
+    """Yield, per batch of texts, the full next-token log-probabilities ``[B, T-1, V]``, the
+    log-probability of each actual next token ``[B, T-1]`` and the mask of real (non-padding) targets.
+
+    Texts are right-padded (causal attention never looks right, so padding cannot change a real
+    token's prediction) and truncated to the model's context. Every LM loss of the course reads this.
+    """
+    _check_texts(texts, batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("tokenizer must define a pad_token or an eos_token for batching")
@@ -154,7 +159,7 @@ def sequence_nll(model, tokenizer, texts: list[str], batch_size: int = 32) -> tu
     """
     _check_texts(texts, batch_size)
     sums, counts = [], []
-    for _, target_log_probs, mask in _log_prob_batches(model, tokenizer, texts, batch_size):
+    for _, target_log_probs, mask in log_prob_batches(model, tokenizer, texts, batch_size):
         target_mask = mask.to(target_log_probs.dtype)
         sums.append(-(target_log_probs * target_mask).sum(dim=1).cpu())
         counts.append(target_mask.sum(dim=1).long().cpu())
@@ -174,7 +179,7 @@ def token_log_probs(model, tokenizer, texts: list[str], batch_size: int = 32, mo
     if not isinstance(moments, bool):
         raise TypeError(f"moments must be a bool, got {type(moments).__name__}")
     results = []
-    for log_probs, target_log_probs, mask in _log_prob_batches(model, tokenizer, texts, batch_size):
+    for log_probs, target_log_probs, mask in log_prob_batches(model, tokenizer, texts, batch_size):
         if moments:
             probs = log_probs.exp()
             mean = (probs * log_probs).sum(-1)

@@ -1,6 +1,6 @@
 """Membership inference: one score per example, **higher = more likely a member**.
 
-This module so far holds the attacks that need no shadow models:
+Attacks without shadow models:
 
 - on a classifier: LOSS (Yeom et al. 2018), confidence, entropy and modified entropy (Song & Mittal
   2021, Eq. 8);
@@ -9,16 +9,24 @@ This module so far holds the attacks that need no shadow models:
   (Carlini et al. 2021; Mireshghallah et al. 2022). All of them read one forward pass per text,
   :func:`companion.metrics.token_log_probs`.
 
+Attacks with shadow models (one ``ShadowSignals`` of K models, each trained on a random half, feeds
+all three): Shokri et al. (2017)'s attack model, LiRA online and offline (Carlini et al. 2022) and RMIA
+(Zarifzadeh et al. 2024). The K models are trained together with ``torch.func.vmap``.
+
 Evaluate every score with :mod:`companion.metrics` (``auc``, ``tpr_at_fpr``, ``roc_curve``).
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import zlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from companion.checks import check_int
 from companion.metrics import token_log_probs
 
 # ---------------------------------------------------------------------------------------------
@@ -154,3 +162,217 @@ def lm_scores(model, tokenizer, texts: list[str], k: float = 0.2, reference=None
         ref_model, ref_tokenizer = reference
         scores["reference"] = reference_scores(stats, token_log_probs(ref_model, ref_tokenizer, texts, batch_size))
     return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Shadow models: many models of the same recipe, each trained on a random half of the data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShadowSignals:
+    """What K shadow (or reference) models say about N examples.
+
+    ``logits``: ``[K, N, C]`` raw outputs; ``keep[k, n]``: whether example ``n`` was in model ``k``'s
+    training set; ``labels``: ``[N]``. ``scaled_confidence()`` gives LiRA's statistic.
+    """
+
+    logits: torch.Tensor
+    keep: torch.Tensor
+    labels: torch.Tensor
+
+    def scaled_confidence(self) -> torch.Tensor:
+        return scaled_confidence(self.logits, self.labels)
+
+    def true_class_probs(self) -> torch.Tensor:
+        return torch.softmax(self.logits.float(), -1).gather(-1, self._label_index()).squeeze(-1)
+
+    def _label_index(self) -> torch.Tensor:
+        return self.labels.view(1, -1, 1).expand(self.logits.shape[0], -1, 1)
+
+
+def scaled_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """LiRA's logit-scaled confidence (Carlini et al. 2022, Sec. IV-B):
+    ``phi = log(p_y / (1 - p_y)) = z_y - logsumexp_{j != y} z_j``, computed stably from the logits
+    (``[..., N, C]`` with labels ``[N]``), so it stays finite when ``p_y`` rounds to 1."""
+    logits = logits.float()
+    index = labels.view(*([1] * (logits.ndim - 2)), -1, 1).expand(*logits.shape[:-1], 1)
+    true = logits.gather(-1, index).squeeze(-1)
+    others = logits.scatter(-1, index, float("-inf")).logsumexp(-1)
+    return true - others
+
+
+def balanced_keep(n_models: int, n_examples: int, seed: int = 0) -> torch.Tensor:
+    """``[K, N]`` membership of each example in each model: every example is in exactly half of the
+    models (as in Carlini et al.'s LiRA code), so every example has IN and OUT models to compare."""
+    n_models = check_int("n_models", n_models, minimum=2)
+    n_examples = check_int("n_examples", n_examples, minimum=1)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.rand(n_models, n_examples, generator=generator).argsort(0)
+    return order < n_models // 2
+
+
+def train_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, epochs: int = 60,
+                        batch_size: int = 64, lr: float = 1e-3, seed: int = 0, vectorized: bool = True
+                        ) -> ShadowSignals:
+    """Train K models of ``make_model()``'s architecture, model ``k`` on the examples with
+    ``keep[k]``, and return their outputs on all of ``x``.
+
+    ``vectorized=True`` trains all K at once: the parameters are stacked (``torch.func.stack_module_state``)
+    and ``vmap`` runs K forward/backward passes as one batched computation; Adam is applied to the
+    stacked tensors. ``vectorized=False`` runs the identical computation model by model (the reference
+    that the tests and the benchmark compare against). Both use the same seeded minibatches.
+    """
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    _check_classifier_inputs(make_model(), x, y)
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.ndim != 2 or keep.shape[1] != len(x):
+        raise ValueError(f"keep must be a bool tensor [n_models, {len(x)}], got {getattr(keep, 'shape', keep)}")
+    if (keep.sum(1) < batch_size).any():
+        raise ValueError(f"every model needs at least batch_size={batch_size} training examples")
+    epochs = check_int("epochs", epochs, minimum=1)
+    n_models = len(keep)
+    torch.manual_seed(seed)
+    models = [make_model() for _ in range(n_models)]
+    steps = epochs * int(keep.sum(1).float().mean().item()) // batch_size
+    generator = torch.Generator().manual_seed(seed + 1)
+    schedule = [torch.multinomial(keep.float(), batch_size, generator=generator) for _ in range(steps)]
+
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def loss_of(params, buffers, xb, yb):
+        return nn.functional.cross_entropy(functional_call(base, (params, buffers), (xb,)), yb)
+
+    def adam(params, grads, state, t, beta1=0.9, beta2=0.999, eps=1e-8):
+        for name in params:
+            m, v = state.setdefault(name, (torch.zeros_like(params[name]), torch.zeros_like(params[name])))
+            m = beta1 * m + (1 - beta1) * grads[name]
+            v = beta2 * v + (1 - beta2) * grads[name] ** 2
+            state[name] = (m, v)
+            params[name] = params[name] - lr * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+
+    if vectorized:
+        params, buffers = stack_module_state(models)
+        params = {k: v.detach() for k, v in params.items()}
+        batched_grad = vmap(grad(loss_of))
+        state = {}
+        for t, index in enumerate(schedule, start=1):
+            adam(params, batched_grad(params, buffers, x[index], y[index]), state, t)
+        logits = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+    else:
+        outputs = []
+        for k, model in enumerate(models):
+            params = {n: p.detach() for n, p in model.named_parameters()}
+            buffers = dict(model.named_buffers())
+            single_grad = grad(loss_of)
+            state = {}
+            for t, index in enumerate(schedule, start=1):
+                adam(params, single_grad(params, buffers, x[index[k]], y[index[k]]), state, t)
+            outputs.append(functional_call(base, (params, buffers), (x,)))
+        logits = torch.stack(outputs)
+    return ShadowSignals(logits=logits.detach(), keep=keep.clone(), labels=y.clone())
+
+
+# ---------------------------------------------------------------------------------------------
+# LiRA, RMIA and Shokri et al.'s attack model
+# ---------------------------------------------------------------------------------------------
+
+
+def _normal_logpdf(value, mean, std):
+    return -0.5 * ((value - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)
+
+
+def lira_scores(shadow: ShadowSignals, target_logits: torch.Tensor, online: bool = True,
+                fixed_variance: bool = False) -> torch.Tensor:
+    """The Likelihood Ratio Attack (Carlini et al. 2022, Algorithm 1).
+
+    For each example, fit Gaussians to the shadow models' scaled confidences when the example was IN
+    their training set and when it was OUT, and score the target model's confidence ``phi``:
+    online ``log N(phi; mu_in, s_in^2) - log N(phi; mu_out, s_out^2)``; offline (OUT models only)
+    the one-sided ``log Pr[Z < phi]``, ``Z ~ N(mu_out, s_out^2)``. ``fixed_variance`` replaces the
+    per-example standard deviations by their median over examples (better with few shadow models).
+    """
+    if not isinstance(shadow, ShadowSignals):
+        raise TypeError(f"shadow must be a ShadowSignals, got {type(shadow).__name__}")
+    if target_logits.shape != shadow.logits.shape[1:]:
+        raise ValueError(f"target_logits must have shape {list(shadow.logits.shape[1:])}, got {list(target_logits.shape)}")
+    phi = shadow.scaled_confidence()
+    observed = scaled_confidence(target_logits, shadow.labels)
+    need = 1 if fixed_variance else 2
+    n_in, n_out = shadow.keep.sum(0), (~shadow.keep).sum(0)
+    if (n_out < need).any() or (online and (n_in < need).any()):
+        raise ValueError(f"too few shadow models: every example needs at least {need} OUT"
+                         f"{' and IN' if online else ''} models for "
+                         f"{'fixed' if fixed_variance else 'per-example'} variance; got as few as "
+                         f"{int(n_in.min())} IN and {int(n_out.min())} OUT")
+
+    def moments(mask):
+        count = mask.sum(0).clamp_min(1)
+        mean = (phi * mask).sum(0) / count
+        var = (((phi - mean) ** 2) * mask).sum(0) / (count - 1).clamp_min(1)
+        std = var.sqrt().clamp_min(1e-6)
+        if fixed_variance:
+            std = torch.full_like(std, float(std.median()))
+        return mean, std
+
+    mean_out, std_out = moments(~shadow.keep)
+    if not online:
+        return torch.special.log_ndtr((observed - mean_out) / std_out)
+    mean_in, std_in = moments(shadow.keep)
+    return _normal_logpdf(observed, mean_in, std_in) - _normal_logpdf(observed, mean_out, std_out)
+
+
+def rmia_scores(reference: ShadowSignals, target_logits: torch.Tensor, population: torch.Tensor,
+                gamma: float = 1.0, offline_a: float | None = None) -> torch.Tensor:
+    """RMIA (Zarifzadeh et al. 2024, Eq. 5-6): the fraction of population examples ``z`` that ``x``
+    dominates in the pairwise likelihood ratio ``[p(x|target) / p(x)] / [p(z|target) / p(z)] > gamma``.
+
+    ``p(.)`` is the true-class probability averaged over reference models. ``population`` holds the
+    indices (into the N examples) of known non-members used as ``z``. Online, ``p(x)`` averages all
+    reference models; offline (``offline_a`` given) only those where ``x`` was OUT, corrected by
+    ``p(x) = ((1 + a) p_out(x) + (1 - a)) / 2`` as in the paper's offline variant.
+    """
+    if not isinstance(reference, ShadowSignals):
+        raise TypeError(f"reference must be a ShadowSignals, got {type(reference).__name__}")
+    if target_logits.shape != reference.logits.shape[1:]:
+        raise ValueError(f"target_logits must have shape {list(reference.logits.shape[1:])}")
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    probs = reference.true_class_probs()
+    p_target = torch.softmax(target_logits.float(), -1).gather(-1, reference.labels[:, None]).squeeze(-1)
+    if offline_a is None:
+        p_marginal = probs.mean(0)
+    else:
+        if not 0 <= offline_a <= 1:
+            raise ValueError(f"offline_a must be in [0, 1], got {offline_a}")
+        out = ~reference.keep
+        if (out.sum(0) == 0).any():
+            raise ValueError("offline RMIA needs at least one OUT reference model for every example")
+        p_out = (probs * out).sum(0) / out.sum(0)
+        p_marginal = 0.5 * ((1 + offline_a) * p_out + (1 - offline_a))
+    ratio = p_target / p_marginal.clamp_min(1e-30)
+    z_ratio = ratio[population]
+    return (ratio[:, None] / z_ratio[None, :] > gamma).float().mean(1)
+
+
+def shokri_attack(shadow: ShadowSignals, target_logits: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Shokri et al. (2017): train an attack classifier on the shadow models' outputs, labelled by
+    whether the example was in that shadow model's training set, then apply it to the target's outputs.
+
+    Features per (model, example): the sorted probability vector and the log-probability of the true
+    class; one logistic-regression attack model for all classes. Returns P(member) per example.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    if not isinstance(shadow, ShadowSignals):
+        raise TypeError(f"shadow must be a ShadowSignals, got {type(shadow).__name__}")
+
+    def features(logits):
+        probs = torch.softmax(logits.float(), -1)
+        true = probs.gather(-1, shadow.labels.view(*([1] * (probs.ndim - 2)), -1, 1).expand(*probs.shape[:-1], 1))
+        return torch.cat([probs.sort(-1, descending=True).values, true.clamp_min(1e-30).log()], -1)
+
+    train_x = features(shadow.logits).reshape(-1, shadow.logits.shape[-1] + 1).numpy()
+    train_y = shadow.keep.reshape(-1).numpy()
+    attack = LogisticRegression(max_iter=2000, random_state=seed).fit(train_x, train_y)
+    return torch.tensor(attack.predict_proba(features(target_logits).numpy())[:, 1], dtype=torch.float32)

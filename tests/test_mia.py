@@ -112,3 +112,118 @@ def test_token_log_probs_bad_inputs(tiny_lm):
         metrics.token_log_probs(model, tok, ["a b"], moments="yes")
     with pytest.raises(TypeError, match="texts must be a non-empty list"):
         metrics.token_log_probs(model, tok, [])
+
+
+# --------------------------------------------------------------------------- shadow-model attacks
+
+
+def _synthetic_shadow(n_models=32, n=2000, shift=1.0, spread=0.0, noise=1.0, seed=0):
+    """Two-class logits whose scaled confidence for label 0 is exactly phi = z_0 - z_1.
+    IN ~ N(c_n + shift, noise), OUT ~ N(c_n, noise), with per-example offsets c_n ~ N(0, spread)."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.randn(n, generator=g) * spread
+    keep = mia.balanced_keep(n_models, n, seed=seed)
+    phi = offsets + shift * keep + noise * torch.randn(n_models, n, generator=g)
+    logits = torch.stack([phi, torch.zeros_like(phi)], -1)
+    labels = torch.zeros(n, dtype=torch.long)
+    member = torch.rand(n, generator=g) < 0.5
+    target_phi = offsets + shift * member + noise * torch.randn(n, generator=g)
+    target = torch.stack([target_phi, torch.zeros_like(target_phi)], -1)
+    return mia.ShadowSignals(logits, keep, labels), target, member
+
+
+def test_scaled_confidence_is_stable_and_exact():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [1000.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 0])
+    phi = mia.scaled_confidence(logits, labels)
+    p = torch.softmax(logits[0], 0)[0]
+    assert phi[0].item() == pytest.approx(math.log(p / (1 - p)), rel=1e-5)
+    assert torch.isfinite(phi).all() and phi[1] > 900
+
+
+def test_balanced_keep_puts_every_example_in_half_the_models():
+    keep = mia.balanced_keep(8, 50, seed=3)
+    assert keep.shape == (8, 50) and (keep.sum(0) == 4).all()
+
+
+def test_lira_recovers_a_known_separation():
+    shadow, target, member = _synthetic_shadow(shift=2.0)
+    auc = metrics.auc(member.numpy(), mia.lira_scores(shadow, target).numpy())
+    expected = torch.distributions.Normal(0, 1).cdf(torch.tensor(2.0 / math.sqrt(2))).item()  # ~0.92
+    assert auc == pytest.approx(expected, abs=0.03)
+
+
+def test_lira_calibrates_per_example_difficulty_where_a_global_threshold_fails():
+    shadow, target, member = _synthetic_shadow(shift=1.0, spread=3.0, noise=0.3)
+    labels = member.numpy()
+    global_auc = metrics.auc(labels, mia.scaled_confidence(target, shadow.labels).numpy())
+    for online in (True, False):
+        lira_auc = metrics.auc(labels, mia.lira_scores(shadow, target, online=online).numpy())
+        assert lira_auc > 0.9 and global_auc < 0.65, (online, lira_auc, global_auc)
+    assert metrics.auc(labels, mia.lira_scores(shadow, target, fixed_variance=True).numpy()) > 0.9
+    population = torch.nonzero(~member).flatten()[:300]
+    assert metrics.auc(labels, mia.rmia_scores(shadow, target, population).numpy()) > 0.85
+    # offline RMIA's linear approximation of p(x) is cruder (the paper tunes a per dataset), but it still
+    # beats any global threshold
+    assert metrics.auc(labels, mia.rmia_scores(shadow, target, population, offline_a=0.3).numpy()) > global_auc + 0.05
+
+
+def test_shokri_attack_outputs_member_probabilities():
+    shadow, target, member = _synthetic_shadow(n_models=8, n=400, shift=3.0)
+    scores = mia.shokri_attack(shadow, target)
+    assert scores.shape == (400,) and ((scores >= 0) & (scores <= 1)).all()
+    assert metrics.auc(member.numpy(), scores.numpy()) > 0.8
+
+
+def test_too_few_shadow_models_is_a_clear_error():
+    shadow, target, _ = _synthetic_shadow(n_models=2, n=50)
+    with pytest.raises(ValueError, match="too few shadow models"):
+        mia.lira_scores(shadow, target)  # one IN and one OUT model per example: no per-example variance
+    assert mia.lira_scores(shadow, target, fixed_variance=True).shape == (50,)
+    with pytest.raises(ValueError, match="target_logits must have shape"):
+        mia.lira_scores(shadow, target[:10])
+    with pytest.raises(TypeError, match="shadow must be a ShadowSignals"):
+        mia.lira_scores("signals", target)
+
+
+def _digits_subset(n=240):
+    from companion import data
+
+    x, y = data.load_digits_tensors()
+    return x[:n], y[:n]
+
+
+def _small_mlp():
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def test_vectorised_shadow_training_matches_the_loop():
+    x, y = _digits_subset()
+    keep = mia.balanced_keep(3, len(x), seed=0)
+    fast = mia.train_shadow_models(_small_mlp, x, y, keep, epochs=4, batch_size=32, lr=3e-3, seed=1)
+    slow = mia.train_shadow_models(_small_mlp, x, y, keep, epochs=4, batch_size=32, lr=3e-3, seed=1, vectorized=False)
+    assert torch.allclose(fast.logits, slow.logits, atol=1e-4)
+    untrained = torch.stack([_small_mlp()(x) for _ in range(1)])
+    assert not torch.allclose(fast.logits[0], untrained[0], atol=1e-2)
+
+
+def test_shadow_models_fit_their_own_halves():
+    x, y = _digits_subset()
+    keep = mia.balanced_keep(4, len(x), seed=0)
+    signals = mia.train_shadow_models(_small_mlp, x, y, keep, epochs=40, batch_size=32, lr=3e-3, seed=0)
+    correct = signals.logits.argmax(-1) == y
+    phi = signals.scaled_confidence()
+    assert correct[keep].float().mean() > correct[~keep].float().mean()
+    assert phi[keep].mean() > phi[~keep].mean() + 0.2  # members are fitted more confidently
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"keep": torch.ones(3, 5, dtype=torch.bool)}, "keep must be a bool tensor"),
+    ({"keep": torch.zeros(3, 240, dtype=torch.bool)}, "at least batch_size"),
+    ({"epochs": 0}, "epochs must be >= 1"),
+])
+def test_train_shadow_models_bad_inputs(kwargs, message):
+    x, y = _digits_subset()
+    args = {"keep": mia.balanced_keep(3, len(x)), "epochs": 1} | kwargs
+    with pytest.raises(ValueError, match=message):
+        mia.train_shadow_models(_small_mlp, x, y, **args)
