@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from companion.checks import check_int
+from companion.checks import check_int, check_model_and_data
 from companion.metrics import token_log_probs
 
 # ---------------------------------------------------------------------------------------------
@@ -35,12 +35,7 @@ from companion.metrics import token_log_probs
 
 
 def _check_classifier_inputs(model, x, y) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
-    if len(x) != len(y):
-        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+    check_model_and_data(model, x, y)
     if y.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from companion.checks import check_int, check_positive_float
+from companion.checks import check_int, check_model_and_data, check_positive_float
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,12 +154,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
                      batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                      progress: bool = False) -> list[float]:
     """Train a classifier with cross-entropy and Adam; return the mean loss of each epoch."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
-    if len(x) != len(y):
-        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+    check_model_and_data(model, x, y)
     epochs = check_int("epochs", epochs, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     lr = check_positive_float("lr", lr)
