@@ -40,6 +40,16 @@ def _check_classifier_inputs(model, x, y) -> None:
         raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
 
 
+def _label_index(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's label as a gather index broadcast to ``values`` (``[..., N, C]`` -> ``[..., N, 1]``)."""
+    return labels.view(*([1] * (values.ndim - 2)), -1, 1).expand(*values.shape[:-1], 1)
+
+
+def _at_label(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``values[..., n, labels[n]]``: the entry of each example's true class."""
+    return values.gather(-1, _label_index(values, labels)).squeeze(-1)
+
+
 @torch.no_grad()
 def _probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     was_training = model.training
@@ -53,13 +63,13 @@ def loss_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     """LOSS attack (Yeom et al. 2018): ``-CE(f(x), y)``; members have lower loss."""
     _check_classifier_inputs(model, x, y)
     probs = _probabilities(model, x)
-    return probs.gather(1, y[:, None]).squeeze(1).clamp_min(1e-30).log()
+    return _at_label(probs, y).clamp_min(1e-30).log()
 
 
 def confidence_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The probability of the true class, ``f(x)_y``."""
     _check_classifier_inputs(model, x, y)
-    return _probabilities(model, x).gather(1, y[:, None]).squeeze(1)
+    return _at_label(_probabilities(model, x), y)
 
 
 def entropy_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,9 +86,9 @@ def modified_entropy_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
     ``Mentr = -(1 - p_y) log p_y - sum_{i != y} p_i log(1 - p_i)``; low for confident, correct predictions."""
     _check_classifier_inputs(model, x, y)
     p = _probabilities(model, x).clamp(1e-30, 1 - 1e-7)
-    p_y = p.gather(1, y[:, None]).squeeze(1)
+    p_y = _at_label(p, y)
     others = -(p * (1 - p).log())
-    others = others.sum(1) - others.gather(1, y[:, None]).squeeze(1)
+    others = others.sum(1) - _at_label(others, y)
     return -(-(1 - p_y) * p_y.log() + others)
 
 
@@ -180,10 +190,7 @@ class ShadowSignals:
         return scaled_confidence(self.logits, self.labels)
 
     def true_class_probs(self) -> torch.Tensor:
-        return torch.softmax(self.logits.float(), -1).gather(-1, self._label_index()).squeeze(-1)
-
-    def _label_index(self) -> torch.Tensor:
-        return self.labels.view(1, -1, 1).expand(self.logits.shape[0], -1, 1)
+        return _at_label(torch.softmax(self.logits.float(), -1), self.labels)
 
 
 def scaled_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -191,7 +198,7 @@ def scaled_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     ``phi = log(p_y / (1 - p_y)) = z_y - logsumexp_{j != y} z_j``, computed stably from the logits
     (``[..., N, C]`` with labels ``[N]``), so it stays finite when ``p_y`` rounds to 1."""
     logits = logits.float()
-    index = labels.view(*([1] * (logits.ndim - 2)), -1, 1).expand(*logits.shape[:-1], 1)
+    index = _label_index(logits, labels)
     true = logits.gather(-1, index).squeeze(-1)
     others = logits.scatter(-1, index, float("-inf")).logsumexp(-1)
     return true - others
@@ -220,7 +227,8 @@ def train_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, keep: torc
     """
     from torch.func import functional_call, grad, stack_module_state, vmap
 
-    _check_classifier_inputs(make_model(), x, y)
+    if isinstance(make_model, nn.Module) or not callable(make_model):
+        raise TypeError(f"make_model must be a function returning a fresh nn.Module, got {type(make_model).__name__}")
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.ndim != 2 or keep.shape[1] != len(x):
         raise ValueError(f"keep must be a bool tensor [n_models, {len(x)}], got {getattr(keep, 'shape', keep)}")
     if (keep.sum(1) < batch_size).any():
@@ -229,6 +237,7 @@ def train_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, keep: torc
     n_models = len(keep)
     torch.manual_seed(seed)
     models = [make_model() for _ in range(n_models)]
+    _check_classifier_inputs(models[0], x, y)
     steps = epochs * int(keep.sum(1).float().mean().item()) // batch_size
     generator = torch.Generator().manual_seed(seed + 1)
     schedule = [torch.multinomial(keep.float(), batch_size, generator=generator) for _ in range(steps)]
@@ -334,7 +343,7 @@ def rmia_scores(reference: ShadowSignals, target_logits: torch.Tensor, populatio
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     probs = reference.true_class_probs()
-    p_target = torch.softmax(target_logits.float(), -1).gather(-1, reference.labels[:, None]).squeeze(-1)
+    p_target = _at_label(torch.softmax(target_logits.float(), -1), reference.labels)
     if offline_a is None:
         p_marginal = probs.mean(0)
     else:
@@ -364,7 +373,7 @@ def shokri_attack(shadow: ShadowSignals, target_logits: torch.Tensor, seed: int 
 
     def features(logits):
         probs = torch.softmax(logits.float(), -1)
-        true = probs.gather(-1, shadow.labels.view(*([1] * (probs.ndim - 2)), -1, 1).expand(*probs.shape[:-1], 1))
+        true = _at_label(probs, shadow.labels).unsqueeze(-1)
         return torch.cat([probs.sort(-1, descending=True).values, true.clamp_min(1e-30).log()], -1)
 
     train_x = features(shadow.logits).reshape(-1, shadow.logits.shape[-1] + 1).numpy()

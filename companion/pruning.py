@@ -297,7 +297,7 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
     model.eval()
     inputs = _block_inputs(model, blocks, calib.to(next(model.parameters()).device)) if method != "magnitude" else None
     report = PruneReport(method=method, sparsity=sparsity, pattern=pattern,
-                         nsamples=0 if calib is None or method == "magnitude" else len(calib), seconds=0.0)
+                         nsamples=0 if inputs is None else len(calib), seconds=0.0)
     for index, block in enumerate(blocks):
         layers = block_layers(block)
         stats = {}

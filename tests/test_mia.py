@@ -227,3 +227,12 @@ def test_train_shadow_models_bad_inputs(kwargs, message):
     args = {"keep": mia.balanced_keep(3, len(x)), "epochs": 1} | kwargs
     with pytest.raises(ValueError, match=message):
         mia.train_shadow_models(_small_mlp, x, y, **args)
+
+
+def test_train_shadow_models_rejects_bad_model_and_data():
+    x, y = _digits_subset()
+    keep = mia.balanced_keep(3, len(x))
+    with pytest.raises(TypeError, match="make_model must be a function returning"):
+        mia.train_shadow_models(_small_mlp(), x, y, keep, epochs=1)
+    with pytest.raises(TypeError, match="integer class labels"):
+        mia.train_shadow_models(_small_mlp, x, y.float(), keep, epochs=1)
