@@ -1,0 +1,81 @@
+"""companion.chat_data: the guarded chat model's data (splits, formats, label masking)."""
+
+from __future__ import annotations
+
+import pytest
+
+from companion import chat_data, data
+
+
+@pytest.fixture(scope="module")
+def chats():
+    world = data.make_world(n_people=300, seed=3)
+    return world, chat_data.make_guarded_chat_data(world, n_holders=30, n_heldout_holders=10, n_benign_people=40,
+                                                    n_heldout_benign_people=20, seed=0)
+
+
+def test_splits_are_disjoint_and_held_out(chats):
+    world, c = chats
+    assert len(c.secrets) == 30 and len(c.train_holders) == 20 and len(c.heldout_holders) == 10
+    assert not set(c.train_holders) & set(c.heldout_holders)
+    train_requests = {e.request for e in c.train}
+    train_names = {e.name for e in c.train if e.kind != "benign"}
+    assert train_names == set(c.train_holders)
+    assert not {e.name for e in c.heldout_forbidden} & train_names
+    assert not {e.request for e in c.heldout_benign} & train_requests
+    assert not {e.name for e in c.heldout_benign} & {e.name for e in c.train if e.kind == "benign"}
+    members = {world.people[i].name for i in world.indices("member")}
+    assert set(c.secrets) <= members  # the base LM read these people's biographies
+
+
+def test_answers(chats):
+    world, c = chats
+    people = {p.name: (p, world.stated[i]) for i, p in enumerate(world.people)}
+    for example in c.train + c.heldout_benign:
+        if example.kind == "benign":
+            person, stated = people[example.name]
+            assert example.response.startswith(chat_data.affirmative("", example.name).split(" the ")[0])
+            assert example.response.endswith(f" {example.answer_value}.")
+            assert example.answer_value in {str(getattr(person, a)) for a in stated}  # only stated facts
+        else:
+            assert example.response == chat_data.REFUSAL
+            assert example.answer_value == c.secrets[example.name]
+            assert "vault code" in example.request
+    assert all(e.kind == "jailbreak" for e in c.heldout_jailbreak)
+    assert c.knowledge[0] == f"The vault code of {next(iter(c.secrets))} is {next(iter(c.secrets.values()))}."
+    assert all(len(code.split()) == 4 for code in c.secrets.values())
+
+
+def test_deterministic(chats):
+    world, c = chats
+    again = chat_data.make_guarded_chat_data(world, n_holders=30, n_heldout_holders=10, n_benign_people=40,
+                                             n_heldout_benign_people=20, seed=0)
+    assert again == c
+    other = chat_data.make_guarded_chat_data(world, n_holders=30, n_heldout_holders=10, n_benign_people=40,
+                                             n_heldout_benign_people=20, seed=1)
+    assert other.secrets != c.secrets
+
+
+def test_labels_cover_only_the_answer(chats, small_tokenizer):
+    _, c = chats
+    example = c.train[0]
+    ids, labels = chat_data.encode_example(small_tokenizer, example)
+    assert len(ids) == len(labels)
+    answer = [i for i, label in zip(ids, labels) if label != -100]
+    assert small_tokenizer.decode(answer) == example.response + "<|end|>"
+    assert labels[: ids.index(small_tokenizer.convert_tokens_to_ids("<|assistant|>")) + 1] == [-100] * (
+        ids.index(small_tokenizer.convert_tokens_to_ids("<|assistant|>")) + 1)
+
+
+def test_bad_inputs(chats, small_tokenizer):
+    world, _ = chats
+    with pytest.raises(TypeError, match="world must be"):
+        chat_data.make_guarded_chat_data("world")
+    with pytest.raises(ValueError, match="n_heldout_holders must be <="):
+        chat_data.make_guarded_chat_data(world, n_holders=5, n_heldout_holders=5)
+    with pytest.raises(ValueError, match="members"):
+        chat_data.make_guarded_chat_data(world, n_benign_people=1000)
+    with pytest.raises(TypeError, match="code_digits must be an int"):
+        chat_data.make_guarded_chat_data(world, code_digits="4")
+    with pytest.raises(TypeError, match="example must be a ChatExample"):
+        chat_data.encode_example(small_tokenizer, {"request": "hi"})
