@@ -214,6 +214,18 @@ def balanced_keep(n_models: int, n_examples: int, seed: int = 0) -> torch.Tensor
     return order < n_models // 2
 
 
+def adam_step(params: dict, grads: dict, state: dict, t: int, lr: float, beta1: float = 0.9,
+              beta2: float = 0.999, eps: float = 1e-8) -> None:
+    """One Adam step (Kingma & Ba 2015, Algorithm 1) on a dict of tensors, stacked over models or not;
+    ``state`` keeps the moment estimates, ``t`` counts steps from 1. Updates ``params`` in place."""
+    for name in params:
+        m, v = state.setdefault(name, (torch.zeros_like(params[name]), torch.zeros_like(params[name])))
+        m = beta1 * m + (1 - beta1) * grads[name]
+        v = beta2 * v + (1 - beta2) * grads[name] ** 2
+        state[name] = (m, v)
+        params[name] = params[name] - lr * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+
+
 def train_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, epochs: int = 60,
                         batch_size: int = 64, lr: float = 1e-3, seed: int = 0, vectorized: bool = True
                         ) -> ShadowSignals:
@@ -247,21 +259,13 @@ def train_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, keep: torc
     def loss_of(params, buffers, xb, yb):
         return nn.functional.cross_entropy(functional_call(base, (params, buffers), (xb,)), yb)
 
-    def adam(params, grads, state, t, beta1=0.9, beta2=0.999, eps=1e-8):
-        for name in params:
-            m, v = state.setdefault(name, (torch.zeros_like(params[name]), torch.zeros_like(params[name])))
-            m = beta1 * m + (1 - beta1) * grads[name]
-            v = beta2 * v + (1 - beta2) * grads[name] ** 2
-            state[name] = (m, v)
-            params[name] = params[name] - lr * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
-
     if vectorized:
         params, buffers = stack_module_state(models)
         params = {k: v.detach() for k, v in params.items()}
         batched_grad = vmap(grad(loss_of))
         state = {}
         for t, index in enumerate(schedule, start=1):
-            adam(params, batched_grad(params, buffers, x[index], y[index]), state, t)
+            adam_step(params, batched_grad(params, buffers, x[index], y[index]), state, t, lr)
         logits = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
     else:
         outputs = []
@@ -271,7 +275,7 @@ def train_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, keep: torc
             single_grad = grad(loss_of)
             state = {}
             for t, index in enumerate(schedule, start=1):
-                adam(params, single_grad(params, buffers, x[index[k]], y[index[k]]), state, t)
+                adam_step(params, single_grad(params, buffers, x[index[k]], y[index[k]]), state, t, lr)
             outputs.append(functional_call(base, (params, buffers), (x,)))
         logits = torch.stack(outputs)
     return ShadowSignals(logits=logits.detach(), keep=keep.clone(), labels=y.clone())
