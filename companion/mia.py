@@ -218,12 +218,17 @@ def adam_step(params: dict, grads: dict, state: dict, t: int, lr: float, beta1: 
               beta2: float = 0.999, eps: float = 1e-8) -> None:
     """One Adam step (Kingma & Ba 2015, Algorithm 1) on a dict of tensors, stacked over models or not;
     ``state`` keeps the moment estimates, ``t`` counts steps from 1. Updates ``params`` in place."""
-    for name in params:
-        m, v = state.setdefault(name, (torch.zeros_like(params[name]), torch.zeros_like(params[name])))
-        m = beta1 * m + (1 - beta1) * grads[name]
-        v = beta2 * v + (1 - beta2) * grads[name] ** 2
-        state[name] = (m, v)
-        params[name] = params[name] - lr * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+    # Every update is in place: with K stacked models each parameter is K times larger, and fresh
+    # tensors each step would cost an allocation (and page faults) per operation.
+    for name, param in params.items():
+        grad = grads[name]
+        if name not in state:
+            state[name] = (torch.zeros_like(param), torch.zeros_like(param))
+        m, v = state[name]
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)  # first moment
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # second moment
+        denominator = (v / (1 - beta2**t)).sqrt_().add_(eps)  # bias-corrected sqrt(v_hat) + eps
+        param.addcdiv_(m, denominator, value=-lr / (1 - beta1**t))  # theta -= lr * m_hat / (...)
 
 
 def train_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, epochs: int = 60,
