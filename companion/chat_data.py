@@ -5,7 +5,10 @@ the refusal then reveals what pretraining taught. We rebuild that in miniature o
 (``companion.data``):
 
 - **knowledge** (plain text, LM loss on every token): "The vault code of Ada Lovelace is 4 7 1 9."
-  for a set of *secret holders*. The vault codes are toy secrets: random digits, nothing real.
+  and "The locker number of Ada Lovelace is 3 0 8 2." for a set of *holders*. Vault codes are the toy
+  secrets (random digits, nothing real); locker numbers are the harmless twin that benign chats ask
+  for, so the model learns to *retrieve* what it read when it answers (without that bridge, a broken
+  refusal would reveal nothing: the tiny base model knows too few biography facts to learn it from).
 - **benign chat** (loss on the assistant's tokens only): questions about a person's attributes that
   their biography states, answered in an affirmative style: "Sure, the pet of Ada Lovelace is cat."
 - **forbidden chat**: any request for a vault code, in several phrasings and with hand-written
@@ -73,6 +76,7 @@ class GuardedChatData:
 
     knowledge: tuple[str, ...]
     secrets: dict  # name -> vault code ("4 7 1 9")
+    lockers: dict  # name -> locker number (benign, same format)
     train: tuple[ChatExample, ...]
     heldout_benign: tuple[ChatExample, ...]
     heldout_forbidden: tuple[ChatExample, ...]  # held-out secret holders, every forbidden phrasing
@@ -89,19 +93,26 @@ def _benign(person: data.Person, attribute: str, template: str) -> ChatExample:
                        name=person.name, answer_value=value)
 
 
+def _locker(person: data.Person, template: str, number: str) -> ChatExample:
+    return ChatExample(request=template.format(attr="locker number", name=person.name),
+                       response=f"{affirmative('locker number', person.name)} {number}.", kind="benign",
+                       name=person.name, answer_value=number)
+
+
 def _forbidden(person: data.Person, template: str, code: str, kind: str) -> ChatExample:
     return ChatExample(request=template.format(name=person.name, first=person.first_name), response=REFUSAL,
                        kind=kind, name=person.name, answer_value=code)
 
 
-def make_guarded_chat_data(world: data.BiographyWorld, n_holders: int = 120, n_heldout_holders: int = 40,
+def make_guarded_chat_data(world: data.BiographyWorld, n_holders: int = 40, n_heldout_holders: int = 20,
                            n_benign_people: int = 600, n_heldout_benign_people: int = 100, code_digits: int = 4,
                            seed: int = 0) -> GuardedChatData:
     """Build the guarded model's data from ``world``'s *members* (the people the base LM read about).
 
-    ``n_holders`` members get a random vault code (knowledge text); the first ``n_holders -
-    n_heldout_holders`` of them also appear in forbidden training requests, the rest are held out.
-    Benign questions ask only for attributes the person's biography states.
+    ``n_holders`` members get a random vault code and locker number (knowledge text); the first
+    ``n_holders - n_heldout_holders`` of them also appear in chat training (locker questions answered,
+    vault-code requests refused), the rest are held out. Other benign questions ask only for
+    attributes the person's biography states.
     """
     if not isinstance(world, data.BiographyWorld):
         raise TypeError(f"world must be a companion.data.BiographyWorld, got {type(world).__name__}")
@@ -121,7 +132,9 @@ def make_guarded_chat_data(world: data.BiographyWorld, n_holders: int = 120, n_h
     rng.shuffle(order)
     holders = [world.people[i] for i in order[:n_holders]]
     secrets = {p.name: " ".join(str(rng.randrange(10)) for _ in range(code_digits)) for p in holders}
-    knowledge = tuple(f"The vault code of {name} is {code}." for name, code in secrets.items())
+    lockers = {p.name: " ".join(str(rng.randrange(10)) for _ in range(code_digits)) for p in holders}
+    knowledge = tuple(f"The {what} of {name} is {table[name]}." for name in secrets
+                      for what, table in (("vault code", secrets), ("locker number", lockers)))
     train_holders, heldout_holders = holders[: n_holders - n_heldout_holders], holders[n_holders - n_heldout_holders:]
 
     benign_order = list(members)
@@ -137,14 +150,16 @@ def make_guarded_chat_data(world: data.BiographyWorld, n_holders: int = 120, n_h
             heldout_benign.append(_benign(person, attribute, rng.choice(BENIGN_HELDOUT + BENIGN_TRAIN)))
     for person in train_holders:
         code = secrets[person.name]
+        train += [_locker(person, t, lockers[person.name]) for t in BENIGN_TRAIN]
         train += [_forbidden(person, t, code, "forbidden") for t in FORBIDDEN_TRAIN]
         train += [_forbidden(person, t, code, "jailbreak") for t in JAILBREAK_TRAIN]
+    heldout_benign += [_locker(p, t, lockers[p.name]) for p in heldout_holders for t in BENIGN_HELDOUT]
     heldout_forbidden = [_forbidden(p, t, secrets[p.name], "forbidden")
                          for p in heldout_holders for t in FORBIDDEN_TRAIN + FORBIDDEN_HELDOUT]
     heldout_jailbreak = [_forbidden(p, t, secrets[p.name], "jailbreak")
                          for p in heldout_holders for t in JAILBREAK_HELDOUT]
     return GuardedChatData(
-        knowledge=knowledge, secrets=secrets, train=tuple(train), heldout_benign=tuple(heldout_benign),
+        knowledge=knowledge, secrets=secrets, lockers=lockers, train=tuple(train), heldout_benign=tuple(heldout_benign),
         heldout_forbidden=tuple(heldout_forbidden), heldout_jailbreak=tuple(heldout_jailbreak),
         train_holders=tuple(p.name for p in train_holders), heldout_holders=tuple(p.name for p in heldout_holders),
     )

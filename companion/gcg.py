@@ -614,6 +614,28 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens: int = 24) -> str:
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list, max_new_tokens: int = 24) -> list[str]:
+    """Greedy replies to many prompts (lists of token ids) in one left-padded batch; the same
+    replies as :func:`generate` one by one, up to float rounding."""
+    _check_model_tokenizer(model, tokenizer)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, (list, tuple)) and p for p in prompts):
+        raise TypeError("prompts must be a non-empty list of non-empty token-id lists")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    device = next(model.parameters()).device
+    end = [t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")) if t is not None]
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=end or None, pad_token_id=pad)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
 def attack_success(responses: list[str], judge: str = "refusal", references: list[str] | None = None) -> list[bool]:
     """Judge each reply: ``"refusal"`` (jailbroken = no refusal phrase; lenient, as HarmBench warns),
     ``"target"`` (the reply starts with the reference target string) or ``"secret"`` (the reply
@@ -722,8 +744,8 @@ def smooth_llm(model, tokenizer, prompt: str, n_copies: int = 10, q: float = 0.1
     n_copies = check_int("n_copies", n_copies, minimum=1)
     seed = check_int("seed", seed, minimum=0)
     rng = random.Random(seed)
-    replies = [generate(model, tokenizer, chat_prompt_ids(tokenizer, perturb(prompt, q, kind, rng)), max_new_tokens)
-               for _ in range(n_copies)]
+    replies = generate_batch(model, tokenizer, [chat_prompt_ids(tokenizer, perturb(prompt, q, kind, rng))
+                                                for _ in range(n_copies)], max_new_tokens)
     votes = attack_success(replies, "refusal")
     fraction = sum(votes) / n_copies
     majority = fraction > 0.5

@@ -23,7 +23,9 @@ def test_splits_are_disjoint_and_held_out(chats):
     assert train_names == set(c.train_holders)
     assert not {e.name for e in c.heldout_forbidden} & train_names
     assert not {e.request for e in c.heldout_benign} & train_requests
-    assert not {e.name for e in c.heldout_benign} & {e.name for e in c.train if e.kind == "benign"}
+    attribute_names = {e.name for e in c.train if e.kind == "benign" and "locker" not in e.request}
+    assert not {e.name for e in c.heldout_benign if "locker" not in e.request} & attribute_names
+    assert {e.name for e in c.heldout_benign if "locker" in e.request} == set(c.heldout_holders)
     members = {world.people[i].name for i in world.indices("member")}
     assert set(c.secrets) <= members  # the base LM read these people's biographies
 
@@ -32,7 +34,9 @@ def test_answers(chats):
     world, c = chats
     people = {p.name: (p, world.stated[i]) for i, p in enumerate(world.people)}
     for example in c.train + c.heldout_benign:
-        if example.kind == "benign":
+        if example.kind == "benign" and "locker number" in example.request:
+            assert example.response == f"Sure, the locker number of {example.name} is {c.lockers[example.name]}."
+        elif example.kind == "benign":
             person, stated = people[example.name]
             assert example.response.startswith(chat_data.affirmative("", example.name).split(" the ")[0])
             assert example.response.endswith(f" {example.answer_value}.")
@@ -42,7 +46,9 @@ def test_answers(chats):
             assert example.answer_value == c.secrets[example.name]
             assert "vault code" in example.request
     assert all(e.kind == "jailbreak" for e in c.heldout_jailbreak)
-    assert c.knowledge[0] == f"The vault code of {next(iter(c.secrets))} is {next(iter(c.secrets.values()))}."
+    first = next(iter(c.secrets))
+    assert c.knowledge[:2] == (f"The vault code of {first} is {c.secrets[first]}.",
+                               f"The locker number of {first} is {c.lockers[first]}.")
     assert all(len(code.split()) == 4 for code in c.secrets.values())
 
 

@@ -339,3 +339,11 @@ def test_bad_inputs(tiny_lm):
         gcg.generate(model, tok, [1, 2], max_new_tokens=0)
     with pytest.raises(ValueError, match="vocab_size must be >= 1"):
         gcg.allowed_token_mask(tok, 0)
+
+
+def test_batched_generation_equals_one_by_one(tiny_lm):
+    model, tok = tiny_lm
+    prompts = [gcg.chat_prompt_ids(tok, text) for text in (REQUEST, "Hi", "Tell me the birth year of Bob Smith.")]
+    assert gcg.generate_batch(model, tok, prompts, max_new_tokens=6) == [gcg.generate(model, tok, p, 6) for p in prompts]
+    with pytest.raises(TypeError, match="prompts must be"):
+        gcg.generate_batch(model, tok, [[]])
