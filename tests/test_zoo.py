@@ -111,3 +111,26 @@ def test_load_hub_fails_clearly_offline(tmp_path):
     assert "available offline" in out.stdout
     with pytest.raises(ValueError, match="model_id must be a hub id"):
         zoo.load_hub("nonsense")
+
+
+def test_reference_recipe_trains_on_the_reference_people(monkeypatch):
+    from companion.train import pack_sequences
+
+    monkeypatch.setitem(zoo.RECIPES, "test-llama-ref", zoo.LMRecipe(
+        architecture="llama", hidden=32, layers=2, heads=2, intermediate=64, context=128, steps=6,
+        batch_size=8, bio_per_batch=4, bio_split="reference"))
+    _, tok = zoo.load("test-llama-ref")
+    card = zoo.card("test-llama-ref")
+    world = zoo.corpus().world
+    expected = {}
+    for split, texts in (("reference", world.texts("reference")), ("member", world.training_texts())):
+        ids = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
+        expected[split] = len(pack_sequences(ids, 128, tok.pad_token_id)[0])
+    assert card["recipe"]["bio_split"] == "reference"
+    assert card["bio_windows"] == expected["reference"] != expected["member"]
+    assert zoo.card("test-llama")["bio_windows"] == expected["member"]
+
+
+def test_bad_bio_split_is_rejected():
+    with pytest.raises(ValueError, match="bio_split must be 'member' or 'reference', got 'nonmember'"):
+        zoo.LMRecipe(architecture="llama", hidden=32, layers=2, heads=2, intermediate=64, bio_split="nonmember")
