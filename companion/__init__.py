@@ -2,7 +2,7 @@
 
 Start every notebook with ``companion.setup(seed=0)``; then use the modules:
 ``data`` (the synthetic world, Python's docs, digits), ``tokenizer``, ``zoo`` (trained, cached models),
-``train``, ``metrics``, ``plotting``, ``nbtools``; and one module per chapter (``mia``, ``dp``, ``pruning``).
+``train``, ``metrics``, ``plotting``, ``nbtools``; and one module per chapter (``mia``, ``dp``, ``gcg``, ``pruning``).
 """
 
 import os as _os
@@ -13,8 +13,8 @@ import os as _os
 for _name, _value in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2")):
     _os.environ.setdefault(_name, _value)
 
-from companion import data, dp, metrics, mia, nbtools, plotting, pruning, runtime, tokenizer, train, zoo  # noqa: E402
+from companion import data, dp, gcg, metrics, mia, nbtools, plotting, pruning, runtime, tokenizer, train, zoo  # noqa: E402
 from companion.runtime import setup  # noqa: E402
 
-__all__ = ["data", "dp", "metrics", "mia", "nbtools", "plotting", "pruning", "runtime", "setup", "tokenizer", "train", "zoo"]
+__all__ = ["data", "dp", "gcg", "metrics", "mia", "nbtools", "plotting", "pruning", "runtime", "setup", "tokenizer", "train", "zoo"]
 __version__ = "0.1.0"
