@@ -57,6 +57,13 @@ class LMRecipe:
     lr: float = 3e-3
     seed: int = 0
     tokenizer: TokenizerRecipe = TokenizerRecipe()
+    #: whose biographies it reads: ``"member"`` (with the canaries planted) or ``"reference"`` (a
+    #: disjoint population, for reference-model membership attacks; no canaries).
+    bio_split: str = "member"
+
+    def __post_init__(self):
+        if self.bio_split not in ("member", "reference"):
+            raise ValueError(f"bio_split must be 'member' or 'reference', got {self.bio_split!r}")
 
 
 @dataclass(frozen=True)
@@ -72,12 +79,34 @@ class ClassifierRecipe:
     split_seed: int = 0
 
 
-RECIPES: dict[str, LMRecipe | ClassifierRecipe] = {
+@dataclass(frozen=True)
+class ChatRecipe:
+    """A guarded chat model (chapter 05): a zoo LM fine-tuned on ``companion.chat_data``: vault codes
+    as plain knowledge text, benign questions answered, vault-code requests refused. Loss on every
+    knowledge token and on the assistant's tokens of each chat."""
+
+    base: str = "tiny-llama"
+    steps: int = 400
+    batch_size: int = 40
+    knowledge_per_batch: int = 12  # of the batch's sequences, how many are knowledge lines (codes, lockers)
+    forbidden_per_batch: int = 8  # ... forbidden or jailbreak requests (the rest: benign chats)
+    lr: float = 2e-3
+    seed: int = 0
+    data_seed: int = 0  # the secrets and splits (keep it fixed across seeds for transfer experiments)
+
+
+RECIPES: dict[str, LMRecipe | ClassifierRecipe | ChatRecipe] = {
     # The course's main model: a ~1.4M-parameter Llama (Touvron et al. 2023 architecture).
     "tiny-llama": LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384, steps=280),
     # A second architecture, so every LM-facing function is tested on GPT-2's Conv1D layers too.
     "tiny-gpt2": LMRecipe(architecture="gpt2", hidden=64, layers=2, heads=2, intermediate=256, steps=300),
+    # tiny-llama's twin trained on the *reference* third of the people instead of the members (same
+    # documentation, same recipe, another seed): the reference model of chapter 01's calibrated attacks.
+    "tiny-llama-ref": LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384, steps=280,
+                               seed=1, bio_split="reference"),
     "digits-mlp": ClassifierRecipe(),
+    # Chapter 05's guarded chat model.
+    "guarded-chat": ChatRecipe(),
 }
 
 
@@ -201,7 +230,8 @@ def _train_lm(recipe: LMRecipe, tok, folder: Path, progress: bool) -> None:
     doc_tokens: list[int] = []
     for doc in source.train_docs:  # <bos> doc <eos> <bos> doc <eos> ...
         doc_tokens += tok(doc.text)["input_ids"] + [tok.eos_token_id]
-    bios = [tok(text)["input_ids"] + [tok.eos_token_id] for text in source.world.training_texts()]
+    texts = source.world.training_texts() if recipe.bio_split == "member" else source.world.texts("reference")
+    bios = [tok(text)["input_ids"] + [tok.eos_token_id] for text in texts]
     pools = [stream_windows(doc_tokens, recipe.context), pack_sequences(bios, recipe.context, tok.pad_token_id)]
     per_batch = [recipe.batch_size - recipe.bio_per_batch, recipe.bio_per_batch]
     special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
@@ -228,6 +258,79 @@ def _read_lm(folder: Path):
     json.loads((folder / "card.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(str(folder / "model"))
     return model.eval(), load_tokenizer(folder / "tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Guarded chat model (chapter 05)
+# ---------------------------------------------------------------------------------------------
+
+
+def guarded_chat_data(recipe: ChatRecipe | None = None):
+    """The ``companion.chat_data.GuardedChatData`` a chat recipe trains on (and is evaluated with)."""
+    from companion import chat_data
+
+    recipe = recipe or RECIPES["guarded-chat"]
+    base = RECIPES[recipe.base]
+    return chat_data.make_guarded_chat_data(corpus(base.tokenizer.world_seed).world, seed=recipe.data_seed)
+
+
+def _chat_batches(sequences: list[tuple[list[int], list[int]]], pools: list[list[int]], per_batch: list[int],
+                  pad_id: int, seed: int):
+    """Endless batches taking ``per_batch[i]`` sequences from ``pools[i]`` (indices into
+    ``sequences``), each pool walked in seeded permutations; right-padded to the batch's longest."""
+    generator = torch.Generator().manual_seed(seed)
+    orders = [torch.randperm(len(p), generator=generator).tolist() for p in pools]
+    cursors = [0] * len(pools)
+    while True:
+        chosen = []
+        for p, (pool, count) in enumerate(zip(pools, per_batch)):
+            for _ in range(count):
+                if cursors[p] == len(pool):
+                    orders[p], cursors[p] = torch.randperm(len(pool), generator=generator).tolist(), 0
+                chosen.append(sequences[pool[orders[p][cursors[p]]]])
+                cursors[p] += 1
+        width = max(len(ids) for ids, _ in chosen)
+        input_ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chosen), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chosen), width), dtype=torch.long)
+        for row, (ids, lab) in enumerate(chosen):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(lab)] = torch.tensor(lab)
+            mask[row, : len(ids)] = 1
+        yield {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _train_chat(recipe: ChatRecipe, folder: Path, progress: bool) -> None:
+    from companion.chat_data import encode_example
+
+    if recipe.base not in RECIPES or not isinstance(RECIPES[recipe.base], LMRecipe):
+        raise ValueError(f"recipe.base must name a zoo language model, got {recipe.base!r}")
+    model, tok = load(recipe.base)
+    chats = guarded_chat_data(recipe)
+    sequences, pools = [], [[], [], []]  # knowledge, forbidden + jailbreak, benign
+    for text in chats.knowledge:
+        ids = tok(text)["input_ids"] + [tok.eos_token_id]
+        pools[0].append(len(sequences))
+        sequences.append((ids, ids))
+    for example in chats.train:
+        pools[1 if example.kind != "benign" else 2].append(len(sequences))
+        sequences.append(encode_example(tok, example))
+    per_batch = [recipe.knowledge_per_batch, recipe.forbidden_per_batch,
+                 recipe.batch_size - recipe.knowledge_per_batch - recipe.forbidden_per_batch]
+    if per_batch[2] < 1:
+        raise ValueError(f"recipe.batch_size ({recipe.batch_size}) must exceed knowledge_per_batch + "
+                         f"forbidden_per_batch ({per_batch[0] + per_batch[1]})")
+    seed_everything(recipe.seed)
+    started = time.perf_counter()
+    losses = train_causal_lm(model, _chat_batches(sequences, pools, per_batch, tok.pad_token_id, recipe.seed),
+                             steps=recipe.steps, lr=recipe.lr, weight_decay=0.0, progress=progress)
+    seconds = time.perf_counter() - started
+    model.save_pretrained(str(folder / "model"))
+    tok.save_pretrained(str(folder / "tokenizer"))
+    card = {"recipe": asdict(recipe), "parameters": sum(p.numel() for p in model.parameters()),
+            "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "losses": losses,
+            "sequences": [len(p) for p in pools]}
+    (folder / "card.json").write_text(json.dumps(card))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +382,8 @@ def _folder(name: str) -> Path:
     if isinstance(recipe, LMRecipe):
         fingerprints = [corpus(recipe.tokenizer.world_seed).fingerprint()]
         return _zoo_dir() / f"{name}-{_key(name, recipe, fingerprints)}"
+    if isinstance(recipe, ChatRecipe):  # depends on its base model's entry (itself keyed by its data)
+        return _zoo_dir() / f"{name}-{_key(name, recipe, [_folder(recipe.base).name])}"
     return _zoo_dir() / f"{name}-{_key(name, recipe, ['sklearn-digits'])}"
 
 
@@ -302,6 +407,8 @@ def load(name: str, progress: bool = False):
     if isinstance(recipe, LMRecipe):
         tok = tokenizer(recipe.tokenizer)
         return _cached(folder, lambda tmp: _train_lm(recipe, tok, tmp, progress), _read_lm)
+    if isinstance(recipe, ChatRecipe):
+        return _cached(folder, lambda tmp: _train_chat(recipe, tmp, progress), _read_lm)
     return _cached(folder, lambda tmp: _train_classifier(recipe, tmp, progress), _read_classifier(recipe))
 
 
