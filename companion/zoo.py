@@ -105,8 +105,9 @@ RECIPES: dict[str, LMRecipe | ClassifierRecipe | ChatRecipe] = {
     "tiny-llama-ref": LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384, steps=280,
                                seed=1, bio_split="reference"),
     "digits-mlp": ClassifierRecipe(),
-    # Chapter 05's guarded chat model.
+    # Chapter 05's guarded chat model, and its twin fine-tuned with another seed (for transfer attacks).
     "guarded-chat": ChatRecipe(),
+    "guarded-chat-seed1": ChatRecipe(seed=1),
 }
 
 
