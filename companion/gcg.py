@@ -342,9 +342,7 @@ def token_gradients(model, tokenizer, messages, target: str, suffix_ids, config:
     """The gradient of GCG's loss w.r.t. the one-hot suffix tokens, ``[len(suffix), vocab]``:
     entry ``(i, v)`` is the first-order change of the loss if position ``i`` became token ``v``."""
     _check_model_tokenizer(model, tokenizer)
-    config = config or GCGConfig()
-    if not isinstance(config, GCGConfig):
-        raise TypeError(f"config must be a GCGConfig, got {type(config).__name__}")
+    config = _check_config(config)
     suffix = _check_ids("suffix_ids", suffix_ids)
     return _Scorer(model, build_prompt(tokenizer, messages, target), config).gradient(suffix)[0]
 
@@ -354,12 +352,18 @@ def candidate_losses(model, tokenizer, messages, target: str, candidates, config
     """Exact GCG losses of a ``[B, L]`` batch of candidate suffixes (one batched forward pass, with
     the prefix cache when ``config.use_prefix_cache``)."""
     _check_model_tokenizer(model, tokenizer)
-    config = config or GCGConfig()
-    if not isinstance(config, GCGConfig):
-        raise TypeError(f"config must be a GCGConfig, got {type(config).__name__}")
+    config = _check_config(config)
     if not isinstance(candidates, torch.Tensor) or candidates.dim() != 2 or candidates.numel() == 0:
         raise ValueError(f"candidates must be a non-empty [B, L] tensor of token ids, got {candidates!r}")
     return _Scorer(model, build_prompt(tokenizer, messages, target), config).losses(candidates.long())[0]
+
+
+def _check_config(config, name: str = "config") -> GCGConfig:
+    """``config`` itself, or the defaults for ``None``; a clear error for anything else."""
+    config = GCGConfig() if config is None else config
+    if not isinstance(config, GCGConfig):
+        raise TypeError(f"{name} must be a GCGConfig, got {type(config).__name__}")
+    return config
 
 
 def _check_ids(name: str, ids) -> torch.Tensor:
@@ -431,8 +435,7 @@ class _Setup:
 
     def __init__(self, model, tokenizer, prompts, config, name="config"):
         _check_model_tokenizer(model, tokenizer)
-        if not isinstance(config, GCGConfig):
-            raise TypeError(f"{name} must be a GCGConfig, got {type(config).__name__}")
+        config = _check_config(config, name)
         self.tokenizer, self.config = tokenizer, config
         self.prompts = [build_prompt(tokenizer, m, t) for m, t in prompts]
         self.scorers = [_Scorer(model, p, config) for p in self.prompts]
@@ -517,7 +520,6 @@ def gcg(model, tokenizer, messages, target: str, config: GCGConfig | None = None
     ``messages``: the request (str) or chat, with ``"{optim_str}"`` where the suffix goes (default:
     appended to the last message). ``target``: the reply prefix to force. Works on any HF causal LM.
     """
-    config = config or GCGConfig()
     return _run(_Setup(model, tokenizer, [(messages, target)], config), progressive=False)
 
 
@@ -531,7 +533,6 @@ def universal_gcg(model, tokenizer, behaviours: list[tuple], config: GCGConfig |
             isinstance(b, tuple) and len(b) == 2 for b in behaviours):
         raise TypeError(f"behaviours must be a non-empty list of (messages, target) tuples, got {behaviours!r}")
     check_bool("progressive", progressive)
-    config = config or GCGConfig()
     return _run(_Setup(model, tokenizer, behaviours, config), progressive=progressive)
 
 
@@ -543,9 +544,9 @@ def random_search(model, tokenizer, messages, target: str, config: GCGConfig | N
     tokens at a random position by random allowed tokens, and moves only if the best candidate
     improves the loss. No gradient: the same number of candidate forward passes as :func:`gcg`
     (which spends one extra forward+backward per step on its gradient)."""
-    config = config or GCGConfig()
     n_change = check_int("n_change", n_change, minimum=1)
     setup = _Setup(model, tokenizer, [(messages, target)], config)
+    config = setup.config
     tok, allowed_ids = setup.tokenizer, setup.allowed.nonzero().squeeze(1)
     suffix = setup.suffix
     loss0, _ = setup.evaluate(suffix[None], 1)
@@ -604,20 +605,14 @@ def chat_prompt_ids(tokenizer, content: str) -> list[int]:
 def generate(model, tokenizer, prompt_ids, max_new_tokens: int = 24) -> str:
     """Greedy decoding (fixed, as every ASR number here uses) of at most ``max_new_tokens``; returns the
     reply text without special tokens."""
-    _check_model_tokenizer(model, tokenizer)
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1).to(next(model.parameters()).device)
-    end = [t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")) if t is not None]
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=end or None,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return generate_batch(model, tokenizer, [torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).tolist()],
+                          max_new_tokens)[0]
 
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list, max_new_tokens: int = 24) -> list[str]:
-    """Greedy replies to many prompts (lists of token ids) in one left-padded batch; the same
-    replies as :func:`generate` one by one, up to float rounding."""
+    """Greedy replies to many prompts (lists of token ids) in one left-padded batch (a single prompt
+    needs no padding: that is :func:`generate`)."""
     _check_model_tokenizer(model, tokenizer)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, (list, tuple)) and p for p in prompts):
