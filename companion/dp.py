@@ -278,17 +278,10 @@ def train_private_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, ke
     """
     from torch.func import functional_call, grad, stack_module_state, vmap
 
-    if isinstance(make_model, nn.Module) or not callable(make_model):
-        raise TypeError(f"make_model must be a function returning a fresh nn.Module, got {type(make_model).__name__}")
-    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.ndim != 2 or keep.shape[1] != len(x):
-        raise ValueError(f"keep must be a bool tensor [n_models, {len(x)}], got {getattr(keep, 'shape', keep)}")
     if not isinstance(dp, DPConfig):
         raise TypeError(f"dp must be a DPConfig, got {type(dp).__name__}")
+    mia.check_shadow_setup(make_model, x, keep, batch_size)
     epochs = check_int("epochs", epochs, minimum=1)
-    batch_size = check_int("batch_size", batch_size, minimum=1)
-    if (keep.sum(1) < batch_size).any():
-        raise ValueError(f"every model needs at least batch_size={batch_size} training examples, "
-                         f"got as few as {int(keep.sum(1).min())}")
     lr = check_positive_float("lr", lr)
     delta, accountant = _check_delta(delta), _check_accountant(accountant)
     seed = check_int("seed", seed, minimum=0)

@@ -231,6 +231,19 @@ def adam_step(params: dict, grads: dict, state: dict, t: int, lr: float, beta1: 
         param.addcdiv_(m, denominator, value=-lr / (1 - beta1**t))  # theta -= lr * m_hat / (...)
 
 
+def check_shadow_setup(make_model, x: torch.Tensor, keep: torch.Tensor, batch_size: int) -> None:
+    """The arguments every shadow-model trainer shares (this module's and ``companion.dp``'s):
+    a model factory, a ``[n_models, len(x)]`` bool keep mask, at least ``batch_size`` examples each."""
+    if isinstance(make_model, nn.Module) or not callable(make_model):
+        raise TypeError(f"make_model must be a function returning a fresh nn.Module, got {type(make_model).__name__}")
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.ndim != 2 or keep.shape[1] != len(x):
+        raise ValueError(f"keep must be a bool tensor [n_models, {len(x)}], got {getattr(keep, 'shape', keep)}")
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    if (keep.sum(1) < batch_size).any():
+        raise ValueError(f"every model needs at least batch_size={batch_size} training examples, "
+                         f"got as few as {int(keep.sum(1).min())}")
+
+
 def train_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, epochs: int = 60,
                         batch_size: int = 64, lr: float = 1e-3, seed: int = 0, vectorized: bool = True
                         ) -> ShadowSignals:
@@ -244,12 +257,7 @@ def train_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, keep: torc
     """
     from torch.func import functional_call, grad, stack_module_state, vmap
 
-    if isinstance(make_model, nn.Module) or not callable(make_model):
-        raise TypeError(f"make_model must be a function returning a fresh nn.Module, got {type(make_model).__name__}")
-    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.ndim != 2 or keep.shape[1] != len(x):
-        raise ValueError(f"keep must be a bool tensor [n_models, {len(x)}], got {getattr(keep, 'shape', keep)}")
-    if (keep.sum(1) < batch_size).any():
-        raise ValueError(f"every model needs at least batch_size={batch_size} training examples")
+    check_shadow_setup(make_model, x, keep, batch_size)
     epochs = check_int("epochs", epochs, minimum=1)
     n_models = len(keep)
     torch.manual_seed(seed)
