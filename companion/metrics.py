@@ -12,13 +12,20 @@ import math
 import numpy as np
 import torch
 
+from companion.checks import check_bool, check_float, check_int, check_lm_and_tokenizer, check_texts, eager
+
 
 def _as_1d_array(name: str, values) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
     if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
         raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(values).__name__}")
-    array = np.asarray(values)
+    try:
+        array = np.asarray(values)
+    except ValueError as error:  # ragged nesting
+        raise ValueError(f"{name} must be a 1-D sequence of numbers, got a ragged sequence ({error})") from None
+    if array.dtype == object:
+        raise TypeError(f"{name} must be a 1-D sequence of numbers, got a sequence of mixed or non-numeric items")
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
     if array.dtype.kind not in "biuf":
@@ -31,13 +38,16 @@ def _check_binary_problem(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     scores = _as_1d_array("scores", scores).astype(np.float64)
     if len(labels) != len(scores):
         raise ValueError(f"labels and scores must have the same length, got {len(labels)} and {len(scores)}")
+    if len(labels) == 0:
+        raise ValueError("labels and scores must not be empty (both classes are needed)")
     if not np.isin(labels, (0, 1)).all():
         raise ValueError(f"labels must be 0/1 (or bool), got values {np.unique(labels)[:5].tolist()}")
     labels = labels.astype(np.int64)
     if labels.min() == labels.max():
         raise ValueError(f"labels must contain both classes, got only {int(labels[0])}s")
     if not np.isfinite(scores).all():
-        raise ValueError("scores must be finite (no NaN or inf)")
+        raise ValueError(f"scores must be finite (no NaN or inf), got {int((~np.isfinite(scores)).sum())} "
+                         f"non-finite of {len(scores)}")
     return labels, scores
 
 
@@ -73,10 +83,7 @@ def tpr_at_fpr(labels, scores, fpr: float) -> float:
     With ``n`` negatives an FPR below ``1/n`` can only be met with no false positive at all, so a
     TPR at 0.1% FPR means something only with well over 1,000 negatives.
     """
-    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)):
-        raise TypeError(f"fpr must be a float, got {type(fpr).__name__}")
-    if not 0 < fpr < 1:
-        raise ValueError(f"fpr must be in the open interval (0, 1), got {fpr}")
+    fpr = check_float("fpr", fpr, 0, 1, open_minimum=True, open_maximum=True)
     curve_fpr, curve_tpr, _ = roc_curve(labels, scores)
     return float(curve_tpr[curve_fpr <= fpr].max())
 
@@ -112,12 +119,19 @@ def _max_positions(model) -> int | None:
 
 
 def _check_texts(texts, batch_size) -> None:
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise TypeError("texts must be a non-empty list of str")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_texts("texts", texts)
+    check_int("batch_size", batch_size, minimum=1)
 
 
+def _check_lm_call(model, tokenizer, texts, batch_size) -> None:
+    """The arguments of every LM loss: a causal LM, a tokenizer that fits it (and can pad), texts."""
+    check_lm_and_tokenizer(model, tokenizer)
+    _check_texts(texts, batch_size)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer must define a pad_token or an eos_token for batching")
+
+
+@eager(_check_lm_call)
 def log_prob_batches(model, tokenizer, texts: list[str], batch_size: int = 32):
     """Yield, per batch of texts, the full next-token log-probabilities ``[B, T-1, V]``, the
     log-probability of each actual next token ``[B, T-1]`` and the mask of real (non-padding) targets.
@@ -125,10 +139,7 @@ def log_prob_batches(model, tokenizer, texts: list[str], batch_size: int = 32):
     Texts are right-padded (causal attention never looks right, so padding cannot change a real
     token's prediction) and truncated to the model's context. Every LM loss of the course reads this.
     """
-    _check_texts(texts, batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("tokenizer must define a pad_token or an eos_token for batching")
     device = next(model.parameters()).device
     max_length = _max_positions(model)
     for start in range(0, len(texts), batch_size):
@@ -175,17 +186,21 @@ def token_log_probs(model, tokenizer, texts: list[str], batch_size: int = 32, mo
     vocabulary ``z ~ p(. | prefix)`` at each position (``"mean"``, ``"std"``), which Min-K%++
     (Zhang et al. 2024, Eq. 2) needs. One forward pass per batch feeds every LM membership score.
     """
+    check_texts("texts", texts, nonempty_each=True)
     _check_texts(texts, batch_size)
-    if not isinstance(moments, bool):
-        raise TypeError(f"moments must be a bool, got {type(moments).__name__}")
+    check_bool("moments", moments)
     results = []
-    for log_probs, target_log_probs, mask in log_prob_batches(model, tokenizer, texts, batch_size):
+    for start, (log_probs, target_log_probs, mask) in zip(range(0, len(texts), batch_size),
+                                                          log_prob_batches(model, tokenizer, texts, batch_size)):
         if moments:
             probs = log_probs.exp()
             mean = (probs * log_probs).sum(-1)
             std = ((probs * log_probs**2).sum(-1) - mean**2).clamp_min(0).sqrt()
         for row in range(len(target_log_probs)):
             keep = mask[row].bool()
+            if not keep.any():
+                raise ValueError(f"texts[{start + row}] = {texts[start + row]!r} tokenises to fewer than two "
+                                 "tokens, so no token of it is predicted; every text needs at least one")
             entry = {"log_prob": target_log_probs[row, keep].cpu()}
             if moments:
                 entry["mean"], entry["std"] = mean[row, keep].cpu(), std[row, keep].cpu()

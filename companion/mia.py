@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from companion.checks import check_int, check_model_and_data
+from companion.checks import (check_bool, check_classifier_data, check_float, check_int, check_labels,
+                              check_lm_and_tokenizer, check_positive_float, check_tensor, check_texts)
 from companion.metrics import token_log_probs
 
 # ---------------------------------------------------------------------------------------------
@@ -35,13 +36,15 @@ from companion.metrics import token_log_probs
 
 
 def _check_classifier_inputs(model, x, y) -> None:
-    check_model_and_data(model, x, y)
-    if y.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+    check_classifier_data(model, x, y)
 
 
 def _label_index(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each example's label as a gather index broadcast to ``values`` (``[..., N, C]`` -> ``[..., N, 1]``)."""
+    check_labels("labels", labels, values.shape[-1])
+    if values.ndim < 2 or values.shape[-2] != len(labels):
+        raise ValueError(f"labels must have one entry per example of the [..., N, C] values ({tuple(values.shape)}), "
+                         f"got {len(labels)}")
     return labels.view(*([1] * (values.ndim - 2)), -1, 1).expand(*values.shape[:-1], 1)
 
 
@@ -75,7 +78,7 @@ def confidence_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
 def entropy_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Negative prediction entropy (members get confident predictions); needs no label."""
     if y is None:
-        y = torch.zeros(len(x), dtype=torch.int64)
+        y = torch.zeros(len(x) if isinstance(x, torch.Tensor) else 0, dtype=torch.int64)
     _check_classifier_inputs(model, x, y)
     probs = _probabilities(model, x)
     return (probs * probs.clamp_min(1e-30).log()).sum(1)
@@ -98,20 +101,33 @@ def modified_entropy_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
 
 
 def _check_k(k) -> float:
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
-        raise TypeError(f"k must be a float in (0, 1], got {type(k).__name__}")
-    if not 0 < k <= 1:
-        raise ValueError(f"k must be in (0, 1], got {k}")
-    return float(k)
+    return check_float("k", k, 0, 1, open_minimum=True)
+
+
+def _check_stats(stats, name: str = "stats") -> list:
+    """What :func:`companion.metrics.token_log_probs` returns: a non-empty list of dicts whose
+    ``"log_prob"`` is a non-empty, finite 1-D float tensor (one entry per predicted token)."""
+    if not isinstance(stats, list) or not stats:
+        raise TypeError(f"{name} must be a non-empty list of token_log_probs entries, got {type(stats).__name__}")
+    for i, entry in enumerate(stats):
+        if not isinstance(entry, dict) or "log_prob" not in entry:
+            raise TypeError(f"{name}[{i}] must be a dict with a 'log_prob' tensor (from token_log_probs), "
+                            f"got {type(entry).__name__}")
+        check_tensor(f"{name}[{i}]['log_prob']", entry["log_prob"], ndim=1, kind="float", finite=True, nonempty=True)
+    return stats
 
 
 def _lowest_fraction_mean(values: torch.Tensor, k: float) -> float:
+    if values.numel() == 0 or not bool(torch.isfinite(values).all()):
+        raise ValueError("stats: every entry needs at least one predicted token with a finite log-probability, "
+                         f"got {values.numel()} values ({int((~torch.isfinite(values)).sum())} non-finite)")
     n = max(1, int(len(values) * k))
     return float(values.sort().values[:n].mean())
 
 
 def lm_loss_scores(stats: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """LOSS on an LM: minus the mean token NLL (``-log perplexity``) of each text."""
+    _check_stats(stats)
     return torch.tensor([float(s["log_prob"].mean()) for s in stats])
 
 
@@ -119,6 +135,7 @@ def min_k_scores(stats: list[dict[str, torch.Tensor]], k: float = 0.2) -> torch.
     """Min-K% Prob (Shi et al. 2024, Eq. 1): the mean log-probability of the ``k`` fraction of tokens
     with the lowest log-probability. A member text has few very surprising tokens."""
     k = _check_k(k)
+    _check_stats(stats)
     return torch.tensor([_lowest_fraction_mean(s["log_prob"], k) for s in stats])
 
 
@@ -136,8 +153,10 @@ def min_k_plus_plus_scores(stats: list[dict[str, torch.Tensor]], k: float = 0.2)
 def zlib_scores(stats: list[dict[str, torch.Tensor]], texts: list[str]) -> torch.Tensor:
     """The zlib ratio (Carlini et al. 2021): the text's total log-likelihood divided by its zlib-
     compressed length in bytes, so that texts which are merely repetitive do not look like members."""
-    if len(stats) != len(texts):
+    if isinstance(stats, list) and isinstance(texts, list) and len(stats) != len(texts):
         raise ValueError(f"stats and texts must have the same length, got {len(stats)} and {len(texts)}")
+    _check_stats(stats)
+    check_texts("texts", texts, nonempty_each=True)
     return torch.tensor([float(s["log_prob"].sum()) / len(zlib.compress(t.encode("utf-8")))
                          for s, t in zip(stats, texts)])
 
@@ -146,9 +165,11 @@ def reference_scores(target_stats: list[dict[str, torch.Tensor]], reference_stat
                      ) -> torch.Tensor:
     """Reference-model calibration: the target's mean token log-likelihood minus a reference model's
     (trained on other data from the same distribution). It removes how *easy* a text is for any model."""
-    if len(target_stats) != len(reference_stats):
+    if isinstance(target_stats, list) and isinstance(reference_stats, list) and len(target_stats) != len(reference_stats):
         raise ValueError(f"target_stats and reference_stats must have the same length, "
                          f"got {len(target_stats)} and {len(reference_stats)}")
+    _check_stats(target_stats, "target_stats")
+    _check_stats(reference_stats, "reference_stats")
     return lm_loss_scores(target_stats) - lm_loss_scores(reference_stats)
 
 
@@ -156,6 +177,11 @@ def lm_scores(model, tokenizer, texts: list[str], k: float = 0.2, reference=None
               ) -> dict[str, torch.Tensor]:
     """Every LM membership score of this module from one forward pass per text (and one of the
     reference model, given as ``(model, tokenizer)``)."""
+    k = _check_k(k)
+    if reference is not None:
+        if not isinstance(reference, tuple) or len(reference) != 2:
+            raise TypeError(f"reference must be None or a (model, tokenizer) tuple, got {type(reference).__name__}")
+        check_lm_and_tokenizer(*reference)
     stats = token_log_probs(model, tokenizer, texts, batch_size=batch_size, moments=True)
     scores = {
         "loss": lm_loss_scores(stats),
@@ -186,6 +212,16 @@ class ShadowSignals:
     keep: torch.Tensor
     labels: torch.Tensor
 
+    def __post_init__(self):
+        check_tensor("logits", self.logits, ndim=3, kind="float", finite=True, nonempty=True)
+        check_tensor("keep", self.keep, ndim=2, kind="bool")
+        if self.keep.shape != self.logits.shape[:2]:
+            raise ValueError(f"keep must be [K, N] = {list(self.logits.shape[:2])} like logits, "
+                             f"got {list(self.keep.shape)}")
+        check_labels("labels", self.labels, self.logits.shape[-1])
+        if len(self.labels) != self.logits.shape[1]:
+            raise ValueError(f"labels must have N = {self.logits.shape[1]} entries, got {len(self.labels)}")
+
     def scaled_confidence(self) -> torch.Tensor:
         return scaled_confidence(self.logits, self.labels)
 
@@ -209,6 +245,7 @@ def balanced_keep(n_models: int, n_examples: int, seed: int = 0) -> torch.Tensor
     models (as in Carlini et al.'s LiRA code), so every example has IN and OUT models to compare."""
     n_models = check_int("n_models", n_models, minimum=2)
     n_examples = check_int("n_examples", n_examples, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
     generator = torch.Generator().manual_seed(seed)
     order = torch.rand(n_models, n_examples, generator=generator).argsort(0)
     return order < n_models // 2
@@ -231,11 +268,18 @@ def adam_step(params: dict, grads: dict, state: dict, t: int, lr: float, beta1: 
         param.addcdiv_(m, denominator, value=-lr / (1 - beta1**t))  # theta -= lr * m_hat / (...)
 
 
-def check_shadow_setup(make_model, x: torch.Tensor, keep: torch.Tensor, batch_size: int) -> None:
+def check_shadow_setup(make_model, x: torch.Tensor, keep: torch.Tensor, batch_size: int, epochs: int = 1,
+                       lr: float = 1e-3, seed: int = 0, vectorized: bool = True) -> None:
     """The arguments every shadow-model trainer shares (this module's and ``companion.dp``'s):
-    a model factory, a ``[n_models, len(x)]`` bool keep mask, at least ``batch_size`` examples each."""
+    a model factory, a ``[n_models, len(x)]`` bool keep mask, at least ``batch_size`` examples each,
+    and the recipe (``epochs >= 1``, a finite ``lr > 0``, ``seed >= 0``, a bool ``vectorized``)."""
     if isinstance(make_model, nn.Module) or not callable(make_model):
         raise TypeError(f"make_model must be a function returning a fresh nn.Module, got {type(make_model).__name__}")
+    check_tensor("x", x, kind="float", finite=True, nonempty=True)
+    check_int("epochs", epochs, minimum=1)
+    check_positive_float("lr", lr)
+    check_int("seed", seed, minimum=0)
+    check_bool("vectorized", vectorized)
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.ndim != 2 or keep.shape[1] != len(x):
         raise ValueError(f"keep must be a bool tensor [n_models, {len(x)}], got {getattr(keep, 'shape', keep)}")
     batch_size = check_int("batch_size", batch_size, minimum=1)
@@ -257,8 +301,7 @@ def train_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, keep: torc
     """
     from torch.func import functional_call, grad, stack_module_state, vmap
 
-    check_shadow_setup(make_model, x, keep, batch_size)
-    epochs = check_int("epochs", epochs, minimum=1)
+    check_shadow_setup(make_model, x, keep, batch_size, epochs, lr, seed, vectorized)
     n_models = len(keep)
     torch.manual_seed(seed)
     models = [make_model() for _ in range(n_models)]
@@ -315,6 +358,9 @@ def lira_scores(shadow: ShadowSignals, target_logits: torch.Tensor, online: bool
     """
     if not isinstance(shadow, ShadowSignals):
         raise TypeError(f"shadow must be a ShadowSignals, got {type(shadow).__name__}")
+    check_tensor("target_logits", target_logits, kind="float", finite=True)
+    check_bool("online", online)
+    check_bool("fixed_variance", fixed_variance)
     if target_logits.shape != shadow.logits.shape[1:]:
         raise ValueError(f"target_logits must have shape {list(shadow.logits.shape[1:])}, got {list(target_logits.shape)}")
     phi = shadow.scaled_confidence()
@@ -355,17 +401,23 @@ def rmia_scores(reference: ShadowSignals, target_logits: torch.Tensor, populatio
     """
     if not isinstance(reference, ShadowSignals):
         raise TypeError(f"reference must be a ShadowSignals, got {type(reference).__name__}")
+    check_tensor("target_logits", target_logits, kind="float", finite=True)
     if target_logits.shape != reference.logits.shape[1:]:
-        raise ValueError(f"target_logits must have shape {list(reference.logits.shape[1:])}")
-    if gamma <= 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
+        raise ValueError(f"target_logits must have shape {list(reference.logits.shape[1:])}, "
+                         f"got {list(target_logits.shape)}")
+    gamma = check_positive_float("gamma", gamma)
+    check_tensor("population", population, ndim=1, kind="int", nonempty=True)
+    n_examples = reference.logits.shape[1]
+    if int(population.min()) < 0 or int(population.max()) >= n_examples:
+        raise ValueError(f"population must hold example indices in [0, {n_examples}), "
+                         f"got values in [{int(population.min())}, {int(population.max())}]")
+    if offline_a is not None:
+        offline_a = check_float("offline_a", offline_a, 0, 1)
     probs = reference.true_class_probs()
     p_target = _at_label(torch.softmax(target_logits.float(), -1), reference.labels)
     if offline_a is None:
         p_marginal = probs.mean(0)
     else:
-        if not 0 <= offline_a <= 1:
-            raise ValueError(f"offline_a must be in [0, 1], got {offline_a}")
         out = ~reference.keep
         if (out.sum(0) == 0).any():
             raise ValueError("offline RMIA needs at least one OUT reference model for every example")
@@ -387,6 +439,11 @@ def shokri_attack(shadow: ShadowSignals, target_logits: torch.Tensor, seed: int 
 
     if not isinstance(shadow, ShadowSignals):
         raise TypeError(f"shadow must be a ShadowSignals, got {type(shadow).__name__}")
+    check_tensor("target_logits", target_logits, kind="float", finite=True)
+    if target_logits.shape != shadow.logits.shape[1:]:
+        raise ValueError(f"target_logits must have shape {list(shadow.logits.shape[1:])}, "
+                         f"got {list(target_logits.shape)}")
+    seed = check_int("seed", seed, minimum=0)
 
     def features(logits):
         probs = torch.softmax(logits.float(), -1)

@@ -99,3 +99,38 @@ def test_sequence_nll_bad_inputs(tiny_lm):
         metrics.sequence_nll(model, tok, "text")
     with pytest.raises(ValueError, match="batch_size"):
         metrics.sequence_nll(model, tok, ["a b"], batch_size=0)
+
+
+# --------------------------------------------------------------------------- bad input (issue 11)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: metrics.auc([], []), ValueError, "labels and scores must not be empty"),
+    (lambda: metrics.auc([0, 1], [0.1, float("nan")]), ValueError, "scores must be finite"),
+    (lambda: metrics.auc([0, 1], [[0.1], [0.2, 0.3]]), ValueError, "scores must be a 1-D sequence"),
+    (lambda: metrics.tpr_at_fpr([0, 1], [0.1, 0.2], float("nan")), ValueError, "fpr must be finite"),
+])
+def test_metric_rejects_empty_and_nan(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_lm_losses_check_model_and_tokenizer(tiny_lm):
+    model, tok = tiny_lm
+    with pytest.raises(TypeError, match="model must be a Hugging Face causal LM"):
+        metrics.sequence_nll(torch.nn.Linear(2, 2), tok, ["a b"])
+    with pytest.raises(TypeError, match="tokenizer must be a Hugging Face tokenizer"):
+        metrics.perplexity(model, None, ["a b"])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        metrics.log_prob_batches(model, tok, ["a b"], batch_size=0)  # at the call, not at the first next()
+    with pytest.raises(ValueError, match="texts\\[1\\] must be a non-empty str"):
+        metrics.token_log_probs(model, tok, ["a b", ""])
+
+
+def test_lm_losses_reject_a_tokenizer_larger_than_the_model(small_tokenizer):
+    from companion.zoo import LMRecipe, build_lm
+
+    recipe = LMRecipe(architecture="llama", hidden=16, layers=1, heads=2, intermediate=32, context=32)
+    small = build_lm(recipe, len(small_tokenizer) - 10, {})
+    with pytest.raises(ValueError, match="tokenizer does not match model"):
+        metrics.mean_token_loss(small, small_tokenizer, ["a b"])

@@ -236,3 +236,61 @@ def test_train_shadow_models_rejects_bad_model_and_data():
         mia.train_shadow_models(_small_mlp(), x, y, keep, epochs=1)
     with pytest.raises(TypeError, match="integer class labels"):
         mia.train_shadow_models(_small_mlp, x, y.float(), keep, epochs=1)
+
+
+# --------------------------------------------------------------------------- bad input (issue 11)
+
+
+def test_rmia_rejects_nan_instead_of_scoring_zero():
+    shadow, target, _ = _synthetic_shadow(n_models=4, n=20)
+    population = torch.arange(10)
+    with pytest.raises(ValueError, match="gamma must be a finite number > 0"):
+        mia.rmia_scores(shadow, target, population, gamma=float("nan"))
+    with pytest.raises(ValueError, match="target_logits must be finite"):
+        mia.rmia_scores(shadow, torch.full_like(target, float("nan")), population)
+    with pytest.raises(ValueError, match="population must hold example indices"):
+        mia.rmia_scores(shadow, target, torch.tensor([0, 99]))
+    with pytest.raises(ValueError, match="offline_a must be finite"):
+        mia.rmia_scores(shadow, target, population, offline_a=float("nan"))
+    with pytest.raises(ValueError, match="logits must be finite"):
+        mia.ShadowSignals(torch.full_like(shadow.logits, float("inf")), shadow.keep, shadow.labels)
+    with pytest.raises(ValueError, match="labels must be class indices < the number of classes"):
+        mia.ShadowSignals(shadow.logits, shadow.keep, shadow.labels + 5)
+    with pytest.raises(TypeError, match="online must be a bool"):
+        mia.lira_scores(shadow, target, online="no")
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: mia.loss_scores(_fixed_classifier(), torch.zeros(1, 2), torch.tensor([7])), ValueError,
+     "y must be class indices < the number of classes"),
+    (lambda: mia.entropy_scores(_fixed_classifier(), torch.full((1, 2), float("nan"))), ValueError,
+     "x must be finite"),
+    (lambda: mia.scaled_confidence(torch.zeros(3, 2), torch.tensor([0, 1, 2])), ValueError, "labels must be class"),
+    (lambda: mia.lm_loss_scores([{"log_prob": torch.zeros(0)}]), ValueError, r"stats\[0\]\['log_prob'\] must not be empty"),
+    (lambda: mia.min_k_plus_plus_scores([{"log_prob": torch.zeros(0), "mean": torch.zeros(0), "std": torch.ones(0)}]),
+     ValueError, "stats: every entry needs at least one predicted token"),
+    (lambda: mia.zlib_scores([{"log_prob": torch.zeros(2)}], [""]), ValueError, r"texts\[0\] must be a non-empty"),
+    (lambda: mia.min_k_scores([{"log_prob": torch.zeros(3)}], k=float("nan")), ValueError, "k must be finite"),
+])
+def test_bad_inputs_issue_11(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_lm_scores_reject_an_empty_text(tiny_lm):
+    model, tok = tiny_lm
+    with pytest.raises(ValueError, match=r"texts\[1\] must be a non-empty str"):
+        mia.lm_scores(model, tok, ["a b c", ""])
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"lr": -1e-3}, ValueError, "lr must be a finite number > 0"),
+    ({"lr": float("inf")}, ValueError, "lr must be a finite number > 0"),
+    ({"vectorized": "no"}, TypeError, "vectorized must be a bool"),
+])
+def test_train_shadow_models_checks_its_recipe(kwargs, error, message):
+    x, y = _digits_subset()
+    with pytest.raises(error, match=message):
+        mia.train_shadow_models(_small_mlp, x, y, mia.balanced_keep(3, len(x)), epochs=1, **kwargs)
+    with pytest.raises(ValueError, match="y must be class indices"):
+        mia.train_shadow_models(_small_mlp, x, y + 10, mia.balanced_keep(3, len(x)), epochs=1)
