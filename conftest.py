@@ -1,5 +1,8 @@
 """pytest configuration shared by the unit tests and the nbval run over notebooks/."""
 
+# Training-dependent outputs are compared within the tolerance each declares (tools/nbval_tolerance.py).
+pytest_plugins = ["tools.nbval_tolerance"]
+
 
 def pytest_collectstart(collector):
     # nbval compares every output type; these carry library-version-specific HTML or widget state.

@@ -1,9 +1,33 @@
-"""Notebook helpers: glue numbers into prose, show a companion function's source, detect Colab."""
+"""Notebook helpers: glue numbers into prose, show results with their declared tolerance, show a
+companion function's source, detect Colab.
+
+How a chapter's outputs are checked (README, "The reproducibility rule"): strict nbval re-runs every
+cell and compares its outputs with the committed ones. Deterministic outputs (data, counts, shapes) are
+compared exactly, as plain ``print`` output. A number that depends on training or sampling differs in its
+last digits from one CPU to another, so a notebook never prints it bare: it wraps it as
+``approx(value, tol)`` and shows it through :func:`say`, :func:`table` or :func:`glue`. These helpers
+write the raw value and its tolerance into the output's metadata (key ``"companion"``), and the nbval
+plugin in ``tools/nbval_tolerance.py`` compares the re-run value with the committed one within that
+tolerance, and the rest of the text exactly. A discrete result that may flip (a searched suffix, a
+sampled text) is wrapped as ``varies(value)``: shown, and only checked to be there.
+"""
 
 from __future__ import annotations
 
+import html
 import inspect
+import math
+import numbers
+import string
 import sys
+from collections.abc import Mapping, Sequence
+
+#: The output-metadata key under which the tolerant values travel.
+METADATA_KEY = "companion"
+#: The ``tol`` of a training-dependent result that is not a number (compared only in presence).
+VARIES = "varies"
+#: What stands in the compared text where a tolerant value was shown.
+PLACEHOLDER = "\u27e8{}\u27e9"  # ⟨0⟩, ⟨1⟩, ...
 
 
 def on_colab() -> bool:
@@ -11,25 +35,298 @@ def on_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-def glue(name: str, value, display: bool = True) -> None:
+# ---------------------------------------------------------------------------------------------
+# Tolerant values
+# ---------------------------------------------------------------------------------------------
+
+def _check_tol(tol) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"tol must be a number >= 0 (or nbtools.VARIES), got {type(tol).__name__} ({tol!r})")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    return float(tol)
+
+
+def _check_number(value) -> float:
+    """A finite real number as a float: Python and NumPy numbers, 0-d arrays and tensors; not bools."""
+    if isinstance(value, (bool, str, bytes)) or getattr(value, "ndim", 0) != 0 or getattr(value, "dtype", None) == bool:
+        raise TypeError(f"value must be a real number, got {type(value).__name__} ({value!r})")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"value must be a real number, got {type(value).__name__} ({value!r})") from None
+    if not math.isfinite(number):
+        raise ValueError(f"value must be finite, got {number!r}")
+    return number
+
+
+class Approx:
+    """A training-dependent number and the tolerance within which a re-run must reproduce it.
+
+    Formats like the number itself (``f"{approx(0.8123, 0.01):.2f}"`` is ``"0.81"``)."""
+
+    __slots__ = ("value", "tol", "shown")
+
+    def __init__(self, value, tol):
+        self.value = _check_number(value)
+        self.tol = _check_tol(tol)
+        self.shown = value if isinstance(value, numbers.Real) else self.value  # an int stays an int when shown
+
+    def __format__(self, spec: str) -> str:
+        return format(self.shown, spec)
+
+    def __repr__(self) -> str:
+        return f"approx({self.value!r}, tol={self.tol!r})"
+
+
+class Varies:
+    """A training-dependent result that is not a number (a GCG suffix, a sampled completion): shown,
+    never compared in content."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:
+        return f"varies({self.value!r})"
+
+
+class Rate(Approx):
+    """``successes`` of ``trials``, shown as ``k/n (p%, 95% CI lo–hi%)`` (Wilson interval). The count is
+    the compared value: a re-run must reproduce it within ``tol`` successes."""
+
+    __slots__ = ("trials",)
+
+    def __init__(self, successes, trials, tol):
+        from companion.checks import check_int
+
+        successes = check_int("successes", int(successes) if hasattr(successes, "item") else successes, minimum=0)
+        self.trials = check_int("trials", trials, minimum=1)
+        if successes > self.trials:
+            raise ValueError(f"successes must be <= trials, got {successes} > {self.trials}")
+        super().__init__(successes, tol)
+
+    def __format__(self, spec: str) -> str:
+        from companion.metrics import rate_interval
+
+        k, n = int(self.value), self.trials
+        low, high = rate_interval(k, n)
+        return f"{k}/{n} ({k / n:.0%}, 95% CI {low:.0%}–{high:.0%})"
+
+
+def rate(successes, trials, tol) -> Rate:
+    """A rate as a count with its 95% Wilson interval, for :func:`say`: ``say("ASR {}", rate(5, 6, tol=1))``
+    shows ``ASR 5/6 (83%, 95% CI 44–97%)``; ``tol`` is in successes."""
+    return Rate(successes, trials, tol)
+
+
+def approx(value, tol) -> Approx:
+    """Mark ``value`` as training-dependent, to be reproduced within ``tol`` (absolute).
+
+    Size ``tol`` to the value's spread across machines (measured: see the README) and never wider than
+    the precision at which the prose states a claim about it."""
+    return Approx(value, tol)
+
+
+def varies(value) -> Varies:
+    """Mark a non-numeric, training-dependent result: shown, checked only to be there."""
+    return Varies(value)
+
+
+class _Recorder(string.Formatter):
+    """Formats a template twice in one pass: the text a reader sees, and the skeleton nbval compares
+    exactly (each tolerant value replaced by a numbered placeholder and recorded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.values: list[float | None] = []
+        self.tols: list[float | str] = []
+
+    def format_field(self, value, format_spec):
+        if isinstance(value, Approx):
+            self.values.append(value.value)
+            self.tols.append(value.tol)
+            return PLACEHOLDER.format(len(self.values) - 1)
+        if isinstance(value, Varies):
+            self.values.append(None)
+            self.tols.append(VARIES)
+            return PLACEHOLDER.format(len(self.values) - 1)
+        return super().format_field(value, format_spec)
+
+
+def _render(template: str, args, kwargs) -> tuple[str, dict | None]:
+    text = template.format(*args, **kwargs)
+    recorder = _Recorder()
+    skeleton = recorder.format(template, *args, **kwargs)
+    if not recorder.values:
+        return text, None
+    return text, {"skeleton": skeleton, "values": recorder.values, "tols": recorder.tols}
+
+
+def _display(bundle: dict, record: dict | None) -> None:
+    from IPython.display import display as ipy_display
+
+    ipy_display(bundle, raw=True, metadata={METADATA_KEY: record} if record else {})
+
+
+def say(template: str, *args, **kwargs) -> None:
+    """Show one result line: ``template.format(*args, **kwargs)``.
+
+    Arguments wrapped in :func:`approx` or :func:`varies` are the training-dependent parts; everything
+    else in the line is compared exactly. Use ``print`` for lines with no training-dependent value.
+
+    >>> say("member loss {:.2f}, non-member loss {:.2f}", approx(1.71, 0.03), approx(2.12, 0.03))
+    """
+    if not isinstance(template, str):
+        raise TypeError(f"template must be a str, got {type(template).__name__}")
+    text, record = _render(template, args, kwargs)
+    _display({"text/plain": text}, record)
+
+
+def table(rows: Mapping, columns: Mapping, index: str = "") -> None:
+    """Show a table whose cells may be training-dependent, as text (compared) and HTML (the book).
+
+    Args:
+        rows: ``{row name: {column name: value}}``.
+        columns: ``{column name: (format spec, tol)}``; ``tol`` 0 means the column is deterministic
+            (compared exactly), a number > 0 the column's tolerance, ``nbtools.VARIES`` a discrete,
+            training-dependent column.
+        index: the header of the row-name column.
+    """
+    if not isinstance(rows, Mapping) or not rows:
+        raise TypeError(f"rows must be a non-empty mapping of row name -> {{column: value}}, got {type(rows).__name__}")
+    if not isinstance(columns, Mapping) or not columns:
+        raise TypeError(f"columns must be a non-empty mapping of column -> (format, tol), got {type(columns).__name__}")
+    if not isinstance(index, str):
+        raise TypeError(f"index must be a str, got {type(index).__name__}")
+    specs = {}
+    for name, spec in columns.items():
+        if not (isinstance(spec, Sequence) and not isinstance(spec, str) and len(spec) == 2 and isinstance(spec[0], str)):
+            raise TypeError(f"columns[{name!r}] must be a (format spec, tol) pair, got {spec!r}")
+        fmt, tol = spec
+        specs[name] = (fmt, tol if tol == VARIES else _check_tol(tol))
+    cells: dict[str, list] = {}
+    for row_name, row in rows.items():
+        if not isinstance(row, Mapping):
+            raise TypeError(f"rows[{row_name!r}] must be a mapping of column -> value, got {type(row).__name__}")
+        missing = [c for c in specs if c not in row]
+        if missing:
+            raise ValueError(f"rows[{row_name!r}] lacks the columns {missing}")
+        cells[str(row_name)] = [row[c] for c in specs]
+
+    # fixed-width text: header, then one line per row; each cell a field of the template. Widths come
+    # only from what is compared exactly (names, deterministic cells), so that a re-run's values can
+    # never change the padding of the compared text.
+    shown = {r: [format(v, fmt) for v, (fmt, _) in zip(vals, specs.values())] for r, vals in cells.items()}
+    widths = [max(len(index), *(len(r) for r in cells))]
+    for j, (name, (_, tol)) in enumerate(specs.items()):
+        exact = [len(s[j]) for s in shown.values()] if tol == 0 else [7]
+        widths.append(max(len(str(name)), *exact))
+    header = " | ".join([f"{index:>{widths[0]}}"] + [f"{str(n):>{w}}" for n, w in zip(specs, widths[1:])])
+    def literal(text: str) -> str:
+        return text.replace("{", "{{").replace("}", "}}")
+
+    lines, args = [literal(header)], []
+    for row_name, vals in cells.items():
+        fields = [literal(f"{row_name:>{widths[0]}}")]
+        for value, text, (fmt, tol), width in zip(vals, shown[row_name], specs.values(), widths[1:]):
+            if tol == 0:
+                fields.append(literal(f"{text:>{width}}"))
+                continue
+            fields.append("{:%s}" % fmt)
+            args.append(varies(_Padded(value, width)) if tol == VARIES else _PaddedApprox(value, tol, width))
+        lines.append(" | ".join(fields))
+    text, record = _render("\n".join(lines), args, {})
+
+    head = "".join(f"<th>{html.escape(str(n))}</th>" for n in [index, *specs])
+    body = "".join("<tr><th>" + html.escape(r) + "</th>" + "".join(f"<td>{html.escape(s)}</td>" for s in shown[r])
+                   + "</tr>" for r in cells)
+    markup = f'<table class="companion-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    _display({"text/plain": text, "text/html": markup}, record)
+
+
+class _Padded:
+    """A value whose formatted text is right-aligned to a column width (for :func:`table`)."""
+
+    def __init__(self, value, width: int):
+        self.value, self.width = value, width
+
+    def __format__(self, spec: str) -> str:
+        return format(format(self.value, spec), f">{self.width}")
+
+
+class _PaddedApprox(Approx):
+    """An :class:`Approx` shown right-aligned to a column width (for :func:`table`)."""
+
+    __slots__ = ("width",)
+
+    def __init__(self, value, tol, width: int):
+        super().__init__(value, tol)
+        self.width = width
+
+    def __format__(self, spec: str) -> str:
+        return format(format(self.shown, spec), f">{self.width}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Glue
+# ---------------------------------------------------------------------------------------------
+
+def glue(name: str, value, *, tol, fmt: str | None = None, display: bool = False) -> None:
     """Make ``value`` available to the book's prose as ``{glue:text}`name```.
 
-    Uses ``myst_nb.glue`` when it is installed (the authoring environment and CI always have it), so
-    the committed notebook carries the record and strict nbval checks it. Elsewhere (Colab) it only
-    displays the value, because there the prose shows the role's raw text and the reader needs the
-    number in the output. Glue *rounded* values: the shown digits are what CI compares.
+    Args:
+        name: the glue key (letters, digits, ``_``).
+        value: what to glue. With ``fmt`` the prose shows ``format(value, fmt)``.
+        tol: required, so that every glued value declares how it is checked. ``0``: deterministic,
+            compared exactly (as text). A number > 0: training-dependent; a re-run must give a
+            ``value`` within ``tol`` of the committed one (``value`` must then be a number, and the
+            shown text is ``fmt``'s rendering of it). ``nbtools.VARIES``: a training-dependent result
+            that is not a number (compared only in presence).
+        fmt: a format spec such as ``".2f"``, ``".1%"`` or ``","``.
+        display: also show the value in the cell's output.
+
+    Uses ``myst_nb``'s glue format when ``myst_nb`` is installed (the authoring environment and CI always
+    have it), so the committed notebook carries the record. Elsewhere (Colab) it only displays the
+    value, because there the prose shows the role's raw text and the reader needs the number.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"name must be an identifier-like str (letters, digits, _), got {name!r}")
+    if fmt is not None and not isinstance(fmt, str):
+        raise TypeError(f"fmt must be a format spec str or None, got {type(fmt).__name__}")
+    if not isinstance(display, bool):
+        raise TypeError(f"display must be a bool, got {type(display).__name__}")
+    record = None
+    if tol == VARIES and isinstance(tol, str):
+        record = {"values": [None], "tols": [VARIES]}
+    else:
+        tol = _check_tol(tol)
+        if tol > 0:
+            number = Approx(value, tol)  # validates that value is a finite number
+            record = {"values": [number.value], "tols": [tol]}
+    shown = format(value, fmt) if fmt is not None else value
     try:
-        from myst_nb import glue as myst_glue
+        import myst_nb  # noqa: F401
     except ImportError:
-        if display:
+        if display or on_colab():
             from IPython.display import display as ipy_display
 
-            ipy_display(value)
+            ipy_display(shown)
         return
-    myst_glue(name, value, display=display)
+    from IPython.core.formatters import format_display_data
+
+    bundle, metadata = format_display_data(shown)
+    prefix = "" if display else "application/papermill.record/"
+    metadata["scrapbook"] = {"name": name, "mime_prefix": prefix}
+    if record:
+        metadata[METADATA_KEY] = record
+    from IPython.display import display as ipy_display
+
+    ipy_display({prefix + k: v for k, v in bundle.items()}, raw=True, metadata=metadata)
 
 
 def show_source(obj) -> object:

@@ -142,3 +142,44 @@ def test_notebooks_are_in_the_toc():
     toc = (ROOT / "_toc.yml").read_text(encoding="utf-8")
     for path in NOTEBOOKS:
         assert f"notebooks/{path.stem}" in toc, f"{path.name} is not listed in _toc.yml"
+
+
+def _calls(source: str, function: str) -> list[str]:
+    """The argument text of every call ``function(...)`` in ``source`` (parentheses matched)."""
+    calls = []
+    for match in re.finditer(rf"\b{function}\(", source):
+        depth, start = 0, match.end() - 1
+        for end in range(start, len(source)):
+            depth += {"(": 1, ")": -1}.get(source[end], 0)
+            if depth == 0:
+                calls.append(source[start + 1:end])
+                break
+    return calls
+
+
+def test_every_glue_declares_how_it_is_checked(notebook):
+    """README, reproducibility rule: a glued value is either deterministic (tol=0) or training-dependent
+    with a declared tolerance (or nbtools.VARIES); never glued bare, never through myst_nb directly."""
+    path, nb = notebook
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        source = _source(cell)
+        assert "myst_nb" not in source, f"{path.name} cell {i}: glue through companion.nbtools.glue, not myst_nb"
+        for args in _calls(source, "glue"):
+            assert re.search(r"\btol=", args), f"{path.name} cell {i}: glue({args[:60]}...) declares no tol="
+
+
+def test_tolerant_records_are_well_formed(notebook):
+    """Every training-dependent output carries one tolerance per value, as the nbval plugin expects."""
+    path, nb = notebook
+    for i, cell in enumerate(nb["cells"]):
+        for output in cell.get("outputs", []):
+            record = output.get("metadata", {}).get("companion")
+            if record is None:
+                continue
+            assert len(record["values"]) == len(record["tols"]) > 0, f"{path.name} cell {i}: malformed record"
+            for value, tol in zip(record["values"], record["tols"]):
+                assert (tol == "varies" and value is None) or (isinstance(tol, (int, float)) and tol >= 0
+                                                               and isinstance(value, (int, float))), (
+                    f"{path.name} cell {i}: value {value!r} with tolerance {tol!r}")

@@ -1,0 +1,96 @@
+"""companion.nbtools: glue, say, table and the tolerant records they write for the nbval plugin."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from companion import nbtools
+from companion.nbtools import approx, rate, varies
+
+
+@pytest.fixture
+def shown(monkeypatch):
+    """Capture what the helpers display (bundle, metadata) instead of sending it to a front end."""
+    calls = []
+    import IPython.display
+
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False, metadata=None: calls.append((obj, metadata)))
+    return calls
+
+
+def test_say_records_the_tolerant_values_and_a_skeleton(shown):
+    nbtools.say("{:>6}: loss {:.2f}, ppl {p:.0f}, suffix {}", "member", approx(np.float32(1.7123), 0.03),
+                varies("x y z"), p=approx(torch.tensor(102.4), 10))
+    bundle, metadata = shown[0]
+    assert bundle == {"text/plain": "member: loss 1.71, ppl 102, suffix x y z"}
+    record = metadata["companion"]
+    assert record["skeleton"] == "member: loss \u27e80\u27e9, ppl \u27e81\u27e9, suffix \u27e82\u27e9"  # in order of appearance
+    assert record["values"][0] == pytest.approx(1.7123, abs=1e-6) and record["values"][2] is None
+    assert record["values"][1] == pytest.approx(102.4, abs=1e-4) and record["tols"] == [0.03, 10.0, "varies"]
+
+
+def test_say_without_tolerant_values_has_no_record(shown):
+    nbtools.say("{} people", 1000)
+    assert shown[0] == ({"text/plain": "1000 people"}, {})
+
+
+def test_approx_keeps_ints_ints_and_rate_shows_an_interval():
+    assert f"{approx(3, 1)}" == "3" and f"{approx(3.0, 1)}" == "3.0"
+    assert f"{rate(5, 6, tol=1)}" == "5/6 (83%, 95% CI 44%–97%)"
+    assert f"{rate(np.int64(0), 20, tol=2)}" == "0/20 (0%, 95% CI 0%–16%)"
+
+
+def test_table_pads_from_exact_parts_only(shown):
+    rows = {"loss": {"AUC": 0.7771, "n": 1000}, "zlib": {"AUC": 0.72, "n": 20}}
+    nbtools.table(rows, {"AUC": (".3f", 0.01), "n": (",", 0)}, index="attack")
+    nbtools.table({"loss": {"AUC": 10.7771, "n": 1000}, "zlib": {"AUC": 0.72, "n": 20}},
+                  {"AUC": (".3f", 0.01), "n": (",", 0)}, index="attack")
+    (first, meta1), (second, meta2) = shown
+    assert first["text/plain"].splitlines()[1] == "  loss |   0.777 | 1,000"
+    assert meta1["companion"]["skeleton"] == meta2["companion"]["skeleton"], "values must not move the padding"
+    assert "<table" in first["text/html"]
+
+
+def test_glue_requires_a_declared_tolerance():
+    with pytest.raises(TypeError, match="tol"):
+        nbtools.glue("x", 1.0)
+
+
+def test_glue_writes_the_record(shown):
+    nbtools.glue("loss", np.float64(1.7123), tol=0.03, fmt=".2f")
+    nbtools.glue("count", 12, tol=0)
+    nbtools.glue("suffix", "abc", tol=nbtools.VARIES)
+    (loss, loss_meta), (count, count_meta), (_, suffix_meta) = shown
+    assert loss == {"application/papermill.record/text/plain": "'1.71'"}
+    assert loss_meta["scrapbook"]["name"] == "loss" and loss_meta["companion"] == {"values": [1.7123], "tols": [0.03]}
+    assert "companion" not in count_meta and count["application/papermill.record/text/plain"] == "12"
+    assert suffix_meta["companion"] == {"values": [None], "tols": ["varies"]}
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: nbtools.glue("bad name", 1, tol=0), ValueError, "name must be an identifier"),
+    (lambda: nbtools.glue("x", 1, tol=-1), ValueError, "tol must be a finite number >= 0"),
+    (lambda: nbtools.glue("x", 1, tol="loose"), TypeError, "tol must be a number"),
+    (lambda: nbtools.glue("x", "abc", tol=0.1), TypeError, "value must be a real number"),
+    (lambda: nbtools.glue("x", float("nan"), tol=0.1), ValueError, "value must be finite"),
+    (lambda: nbtools.glue("x", 1, tol=0, fmt=3), TypeError, "fmt must be a format spec"),
+    (lambda: nbtools.glue("x", 1, tol=0, display="no"), TypeError, "display must be a bool"),
+    (lambda: approx(True, 0.1), TypeError, "value must be a real number"),
+    (lambda: approx(np.ones(3), 0.1), TypeError, "value must be a real number"),
+    (lambda: approx(1.0, float("inf")), ValueError, "tol must be a finite number"),
+    (lambda: rate(7, 6, tol=1), ValueError, "successes must be <= trials"),
+    (lambda: rate(1, 0, tol=1), ValueError, "trials must be >= 1"),
+    (lambda: rate(1.5, 6, tol=1), TypeError, "successes must be an int"),
+    (lambda: nbtools.say(3), TypeError, "template must be a str"),
+    (lambda: nbtools.table({}, {"a": (".1f", 0)}), TypeError, "rows must be a non-empty mapping"),
+    (lambda: nbtools.table({"r": {"a": 1}}, {"a": ".1f"}), TypeError, r"columns\['a'\] must be a \(format spec, tol\) pair"),
+    (lambda: nbtools.table({"r": {"b": 1}}, {"a": (".1f", 0)}), ValueError, "lacks the columns"),
+    (lambda: nbtools.table({"r": 1}, {"a": (".1f", 0)}), TypeError, r"rows\['r'\] must be a mapping"),
+    (lambda: nbtools.table({"r": {"a": 1}}, {"a": (".1f", -2)}), ValueError, "tol must be a finite number"),
+    (lambda: nbtools.show_source(3), TypeError, "obj must be a function"),
+])
+def test_bad_inputs(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
