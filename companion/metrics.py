@@ -222,3 +222,38 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> floa
     if count.sum() == 0:
         raise ValueError("texts contain no token to predict")
     return math.exp(nll.sum().item() / count.sum().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals for rates
+# ---------------------------------------------------------------------------------------------
+
+def rate_interval(successes: int, trials: int, confidence: float = 0.95, method: str = "wilson") -> tuple[float, float]:
+    """A confidence interval for a rate observed as ``successes`` of ``trials``.
+
+    ``"wilson"`` (Wilson 1927): the score interval, good coverage even for small ``trials`` and rates
+    near 0 or 1; ``"clopper-pearson"`` (Clopper & Pearson 1934): the exact binomial interval, never
+    below its nominal coverage, wider. Every rate the course reports comes with one of these.
+    """
+    successes = check_int("successes", successes, minimum=0)
+    trials = check_int("trials", trials, minimum=1)
+    if successes > trials:
+        raise ValueError(f"successes must be <= trials, got {successes} > {trials}")
+    confidence = check_float("confidence", confidence, 0, 1, open_minimum=True, open_maximum=True)
+    if method not in ("wilson", "clopper-pearson"):
+        raise ValueError(f"method must be 'wilson' or 'clopper-pearson', got {method!r}")
+    from scipy import stats
+
+    if method == "clopper-pearson":
+        alpha = 1 - confidence
+        low = 0.0 if successes == 0 else float(stats.beta.ppf(alpha / 2, successes, trials - successes + 1))
+        high = 1.0 if successes == trials else float(stats.beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+        return low, high
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    p = successes / trials
+    denominator = 1 + z**2 / trials
+    centre = (p + z**2 / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2)) / denominator
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return low, high
