@@ -12,7 +12,7 @@ export ATEN_CPU_CAPABILITY := avx2
 export MKL_CBWR := AVX2
 export ONEDNN_MAX_CPU_ISA := AVX2
 
-.PHONY: help env book test unit hygiene nbval book-html book-check execute bench clean
+.PHONY: help env zoo book test unit hygiene nbval book-html book-check execute bench compat clean
 
 help:
 	@echo "make book      install the pinned environment in .venv and build the HTML book into _build/html"
@@ -20,11 +20,16 @@ help:
 	@echo "make execute   re-execute notebooks in place (NB=notebooks/00_tiny_models.ipynb for one)"
 	@echo "make bench     run benchmarks/ (not part of make test)"
 
+# pip's own notices (this machine's pip configuration, version checks) go to a log, not the screen.
 $(STAMP): requirements.txt pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
-	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
-	touch $(STAMP)
+	@echo "env: creating $(VENV) and installing the pinned environment (log: $(VENV)/install.log)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --disable-pip-version-check --no-input -q -r requirements.txt > $(VENV)/install.log 2>&1 \
+		|| (cat $(VENV)/install.log; exit 1)
+	@$(PY) -m pip install --disable-pip-version-check --no-input -q --no-deps -e . >> $(VENV)/install.log 2>&1 \
+		|| (cat $(VENV)/install.log; exit 1)
+	@touch $(STAMP)
+	@echo "env: ready"
 
 env: $(STAMP)
 
@@ -32,6 +37,13 @@ env: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest tests -q || [ $$? -eq 5 ]
 
+# Train every zoo model first (a cold cache costs its training here, one timing line per model).
+zoo: $(STAMP)
+	@echo "zoo: training or loading every model (cache: $${COMPANION_CACHE:-~/.cache/companion})"
+	@$(PY) tools/warm_zoo.py
+
+# Strict nbval; training-dependent results are compared within their declared tolerance (conftest.py
+# loads tools/nbval_tolerance.py).
 nbval: $(STAMP)
 	$(PY) -m pytest -q -p no:python --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 		--nbval-cell-timeout=900 notebooks || [ $$? -eq 5 ]
@@ -44,7 +56,7 @@ book-html: $(STAMP)
 book: book-html
 	@echo "Open the book: file://$(CURDIR)/_build/html/index.html"
 
-test: unit nbval book-html
+test: unit zoo nbval book-html
 	@echo "make test: all checks passed"
 
 execute: $(STAMP)
