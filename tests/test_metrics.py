@@ -134,3 +134,26 @@ def test_lm_losses_reject_a_tokenizer_larger_than_the_model(small_tokenizer):
     small = build_lm(recipe, len(small_tokenizer) - 10, {})
     with pytest.raises(ValueError, match="tokenizer does not match model"):
         metrics.mean_token_loss(small, small_tokenizer, ["a b"])
+
+
+def test_rate_intervals_match_textbook_values():
+    # Wilson 95% for 5/6 and the exact Clopper-Pearson interval for 0/20 (upper bound 1 - 0.025**(1/20))
+    low, high = metrics.rate_interval(5, 6)
+    assert low == pytest.approx(0.4365, abs=1e-4) and high == pytest.approx(0.9699, abs=1e-4)
+    assert metrics.rate_interval(0, 20, method="clopper-pearson") == pytest.approx((0.0, 1 - 0.025 ** (1 / 20)))
+    assert metrics.rate_interval(20, 20)[1] == 1.0 and metrics.rate_interval(0, 20)[0] == 0.0
+    cp, wilson = metrics.rate_interval(3, 30, method="clopper-pearson"), metrics.rate_interval(3, 30)
+    assert cp[1] - cp[0] > wilson[1] - wilson[0], "the exact interval is the wider one"
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(successes=7, trials=6), ValueError, "successes must be <= trials"),
+    (dict(successes=-1, trials=6), ValueError, "successes must be >= 0"),
+    (dict(successes=1, trials=0), ValueError, "trials must be >= 1"),
+    (dict(successes=1.0, trials=6), TypeError, "successes must be an int"),
+    (dict(successes=1, trials=6, confidence=1.5), ValueError, "confidence"),
+    (dict(successes=1, trials=6, method="agresti"), ValueError, "method must be 'wilson' or 'clopper-pearson'"),
+])
+def test_rate_interval_rejects_bad_input(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        metrics.rate_interval(**kwargs)
