@@ -45,31 +45,26 @@ import torch
 from torch import nn
 
 from companion import mia
-from companion.checks import check_bool, check_int, check_model_and_data, check_positive_float
+from companion.checks import check_bool, check_choice, check_classifier_data, check_float, check_int, check_positive_float
 
 ACCOUNTANTS = ("rdp", "prv")
 
 
 def _check_float(name: str, value, minimum: float = 0.0, allow_inf: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
-    if math.isnan(value) or value < minimum or (math.isinf(value) and not allow_inf):
-        raise ValueError(f"{name} must be a finite number >= {minimum}"
-                         f"{' (or inf)' if allow_inf else ''}, got {value}")
-    return float(value)
+    return check_float(name, value, minimum, allow_inf=allow_inf)
 
 
 def _check_delta(delta) -> float:
-    delta = _check_float("delta", delta)
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    return delta
+    return check_float("delta", delta, 0, 1, open_minimum=True, open_maximum=True)
+
+
+def _check_sample_rate(sample_rate) -> float:
+    """Poisson sampling probability ``q`` in ``(0, 1]`` (Opacus's accountant fails on anything else)."""
+    return check_float("sample_rate", sample_rate, 0, 1, open_minimum=True)
 
 
 def _check_accountant(accountant) -> str:
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-    return accountant
+    return check_choice("accountant", accountant, ACCOUNTANTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +125,7 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
     """Epsilon of ``steps`` compositions of the sampled Gaussian mechanism (Opacus's accountant);
     ``inf`` without noise."""
     noise_multiplier = _check_float("noise_multiplier", noise_multiplier)
-    sample_rate = check_positive_float("sample_rate", sample_rate)
+    sample_rate = _check_sample_rate(sample_rate)
     steps = check_int("steps", steps, minimum=1)
     delta, accountant = _check_delta(delta), _check_accountant(accountant)
     if noise_multiplier == 0:
@@ -147,7 +142,7 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
     """The smallest ``sigma`` (to Opacus's tolerance, 0.01 in epsilon) whose run spends at most
     ``target_epsilon``: a binary search over the accountant (Opacus's ``get_noise_multiplier``)."""
     target_epsilon = check_positive_float("target_epsilon", target_epsilon)
-    sample_rate = check_positive_float("sample_rate", sample_rate)
+    sample_rate = _check_sample_rate(sample_rate)
     steps = check_int("steps", steps, minimum=1)
     delta, accountant = _check_delta(delta), _check_accountant(accountant)
     from opacus.accountants.utils import get_noise_multiplier
@@ -179,7 +174,7 @@ def train_dp_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoc
     :class:`PrivacyReport` of Opacus's accountant. ``noise_multiplier=0, max_grad_norm=math.inf`` is
     plain Adam on Poisson batches (epsilon = inf).
     """
-    check_model_and_data(model, x, y)
+    check_classifier_data(model, x, y)
     dp = DPConfig(noise_multiplier, max_grad_norm)
     epochs = check_int("epochs", epochs, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
@@ -280,12 +275,8 @@ def train_private_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, ke
 
     if not isinstance(dp, DPConfig):
         raise TypeError(f"dp must be a DPConfig, got {type(dp).__name__}")
-    mia.check_shadow_setup(make_model, x, keep, batch_size)
-    epochs = check_int("epochs", epochs, minimum=1)
-    lr = check_positive_float("lr", lr)
+    mia.check_shadow_setup(make_model, x, keep, batch_size, epochs, lr, seed, vectorized)
     delta, accountant = _check_delta(delta), _check_accountant(accountant)
-    seed = check_int("seed", seed, minimum=0)
-    check_bool("vectorized", vectorized)
 
     n_models = len(keep)
     torch.manual_seed(seed)
@@ -364,6 +355,16 @@ class Setting:
     batch_size: int = 64
     lr: float = 1e-2
 
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"name must be a non-empty str, got {self.name!r}")
+        if self.target_epsilon is not None:
+            check_positive_float("target_epsilon", self.target_epsilon)
+        check_int("epochs", self.epochs, minimum=1)
+        check_float("max_grad_norm", self.max_grad_norm, 0, open_minimum=True)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_positive_float("lr", self.lr)
+
 
 #: The chapter's curve: the non-private recipe, the same recipe stopped early (a regulariser with no
 #: guarantee; 3 epochs puts its accuracy, about 92%, level with DP-SGD at epsilon 4 to 16, so the two
@@ -426,6 +427,9 @@ def privacy_utility_point(setting: Setting, n_shadow: int = 32, delta: float = 1
         raise TypeError(f"setting must be a Setting, got {type(setting).__name__}")
     n_shadow = check_int("n_shadow", n_shadow, minimum=6)  # leave-one-out: >= 2 IN and 2 OUT per example
     delta, seed = _check_delta(delta), check_int("seed", seed, minimum=0)
+    if make_model is not None and (isinstance(make_model, nn.Module) or not callable(make_model)):
+        raise TypeError(f"make_model must be None or a function returning a fresh nn.Module, "
+                        f"got {type(make_model).__name__}")
     if make_model is None:
         def make_model():
             return zoo.build_classifier(zoo.RECIPES["digits-mlp"])

@@ -185,7 +185,7 @@ def test_privacy_utility_point_runs_end_to_end():
 
 @pytest.mark.parametrize("call, error, message", [
     (lambda: dp.DPConfig(-1.0, 1.0), ValueError, r"noise_multiplier must be a finite number >= 0.0.*got -1.0"),
-    (lambda: dp.DPConfig("1", 1.0), TypeError, r"noise_multiplier must be a number, got str"),
+    (lambda: dp.DPConfig("1", 1.0), TypeError, r"noise_multiplier must be a float, got str"),
     (lambda: dp.DPConfig(1.0, 0.0), ValueError, "max_grad_norm must be > 0, got 0"),
     (lambda: dp.DPConfig(1.0, math.inf), ValueError, "noise_multiplier must be 0 when max_grad_norm is inf"),
     (lambda: dp.DPConfig(math.nan, 1.0), ValueError, "noise_multiplier must be a finite number"),
@@ -210,5 +210,28 @@ def test_privacy_utility_point_runs_end_to_end():
     (lambda: dp.privacy_utility_point(dp.SETTINGS[0], n_shadow=2), ValueError, "n_shadow must be >= 6, got 2"),
 ])
 def test_bad_inputs(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.parametrize("call, error, message", [
+    # asking for no privacy must not silently give the most private setting
+    (lambda: dp.noise_multiplier_for(math.inf, 1e-5, 0.1, 10), ValueError, "target_epsilon must be a finite number > 0"),
+    (lambda: dp.epsilon_spent(1.0, 1.5, 10, 1e-5), ValueError, r"sample_rate must be in \(0, 1\], got 1.5"),
+    (lambda: dp.noise_multiplier_for(1.0, 1e-5, math.inf, 10), ValueError, "sample_rate must be finite"),
+    (lambda: dp.train_dp_classifier(_small_mlp(), *_digits(64), lr=math.inf), ValueError, "lr must be a finite number"),
+    (lambda: dp.train_dp_classifier(_small_mlp(), _digits(64)[0], _digits(64)[1].float()), TypeError,
+     "y must hold integer class labels"),
+    (lambda: dp.train_dp_classifier(_small_mlp(), _digits(64)[0], _digits(64)[1][:, None]), ValueError,
+     "y must be a 1-D tensor"),
+    (lambda: dp.train_dp_classifier(_small_mlp(), _digits(64)[0], _digits(64)[1] + 10), ValueError,
+     "y must be class indices < the number of classes"),
+    (lambda: dp.train_private_shadow_models(_small_mlp, *_digits(64), mia.balanced_keep(2, 64), dp.DPConfig(1.0, 1.0),
+                                            vectorized="no"), TypeError, "vectorized must be a bool"),
+    (lambda: dp.Setting("x", target_epsilon=math.nan), ValueError, "target_epsilon must be a finite number"),
+    (lambda: dp.Setting("x", epochs=0), ValueError, "epochs must be >= 1"),
+    (lambda: dp.Setting("x", lr=-1.0), ValueError, "lr must be > 0"),
+])
+def test_bad_inputs_issue_11(call, error, message):
     with pytest.raises(error, match=message):
         call()
