@@ -12,12 +12,23 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from companion.checks import check_int, check_model_and_data, check_positive_float
+from companion.checks import (check_bool, check_classifier_data, check_float, check_int, check_module,
+                              check_positive_float, check_tensor, eager)
 
 
 # ---------------------------------------------------------------------------------------------
 # Turning token lists into fixed-length training windows
 # ---------------------------------------------------------------------------------------------
+
+
+def _check_token_list(name: str, ids) -> None:
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(f"{name} must be a list of token ids (ints), got {type(ids).__name__}")
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise ValueError(f"{name} must hold token ids (ints >= 0), got {i!r}")
 
 
 def stream_windows(token_ids: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,6 +38,7 @@ def stream_windows(token_ids: Sequence[int], length: int) -> tuple[torch.Tensor,
     (documentation) where a window may start mid-sentence, as in GPT pretraining.
     """
     length = check_int("length", length, minimum=1)
+    _check_token_list("token_ids", token_ids)
     if len(token_ids) < length:
         raise ValueError(f"token_ids must hold at least length={length} tokens, got {len(token_ids)}")
     n = len(token_ids) // length
@@ -42,8 +54,13 @@ def pack_sequences(sequences: Sequence[Sequence[int]], length: int, pad_id: int
     first token, as it is when we score it later. Sequences longer than ``length`` are an error.
     """
     length = check_int("length", length, minimum=1)
+    pad_id = check_int("pad_id", pad_id, minimum=0)
+    if isinstance(sequences, (str, bytes)) or not isinstance(sequences, Sequence):
+        raise TypeError(f"sequences must be a list of token-id lists, got {type(sequences).__name__}")
     if not sequences:
         raise ValueError("sequences must not be empty")
+    for i, seq in enumerate(sequences):
+        _check_token_list(f"sequences[{i}]", seq)
     windows, current = [], []
     for seq in sequences:
         if len(seq) > length:
@@ -61,6 +78,30 @@ def pack_sequences(sequences: Sequence[Sequence[int]], length: int, pad_id: int
     return ids, mask
 
 
+def _check_mixed_batches(pools, per_batch, seed) -> None:
+    """``mixed_batches``' arguments: non-empty pools of ``(input_ids, attention_mask)`` windows (an
+    empty pool could never fill its share of a batch), one positive count per pool, a seed."""
+    if not isinstance(pools, Sequence) or not isinstance(per_batch, Sequence) or len(pools) != len(per_batch) \
+            or not pools:
+        raise ValueError(f"pools and per_batch must be sequences of the same non-zero length, got "
+                         f"{len(pools) if isinstance(pools, Sequence) else type(pools).__name__} and "
+                         f"{len(per_batch) if isinstance(per_batch, Sequence) else type(per_batch).__name__}")
+    for i, (pool, count) in enumerate(zip(pools, per_batch)):
+        if not isinstance(pool, (tuple, list)) or len(pool) != 2:
+            raise TypeError(f"pools[{i}] must be an (input_ids, attention_mask) pair, got {type(pool).__name__}")
+        ids, mask = pool
+        check_tensor(f"pools[{i}] input_ids", ids, ndim=2, kind="int")
+        check_tensor(f"pools[{i}] attention_mask", mask, ndim=2)
+        if ids.shape != mask.shape:
+            raise ValueError(f"pools[{i}]: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} "
+                             "must have the same shape")
+        if len(ids) == 0:
+            raise ValueError(f"pools[{i}] must hold at least one window, got none")
+        check_int(f"per_batch[{i}]", count, minimum=1)
+    check_int("seed", seed, minimum=0)
+
+
+@eager(_check_mixed_batches)
 def mixed_batches(pools: Sequence[tuple[torch.Tensor, torch.Tensor]], per_batch: Sequence[int],
                   seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """An endless stream of batches taking ``per_batch[i]`` windows from ``pools[i]``.
@@ -68,11 +109,6 @@ def mixed_batches(pools: Sequence[tuple[torch.Tensor, torch.Tensor]], per_batch:
     Each pool is walked in a fresh seeded permutation per pass (epoch), so every window is seen
     equally often. Labels are the inputs with padding set to -100 (ignored by the loss).
     """
-    if len(pools) != len(per_batch) or not pools:
-        raise ValueError(f"pools and per_batch must have the same non-zero length, got {len(pools)} "
-                         f"and {len(per_batch)}")
-    for count in per_batch:
-        check_int("per_batch[i]", count, minimum=1)
     generator = torch.Generator().manual_seed(seed)
     orders = [torch.randperm(len(ids), generator=generator) for ids, _ in pools]
     cursors = [0] * len(pools)
@@ -103,6 +139,10 @@ def mixed_batches(pools: Sequence[tuple[torch.Tensor, torch.Tensor]], per_batch:
 
 def cosine_schedule(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine decay to ``min_ratio`` (the learning-rate multiplier)."""
+    check_int("step", step, minimum=0)
+    check_int("total", total, minimum=1)
+    check_int("warmup", warmup, minimum=0)
+    check_float("min_ratio", min_ratio, 0, 1)
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -117,12 +157,17 @@ def train_causal_lm(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]
     ``batches`` yields dicts with ``input_ids``, ``attention_mask`` and ``labels`` (e.g.
     :func:`mixed_batches`). The model is left in eval mode.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module("model", model)
+    if not isinstance(batches, Iterator):
+        raise TypeError(f"batches must be an iterator of batch dicts (e.g. mixed_batches(...)), "
+                        f"got {type(batches).__name__}")
     steps = check_int("steps", steps, minimum=1)
     lr = check_positive_float("lr", lr)
-    if not 0 <= warmup_fraction < 1:
-        raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    check_float("weight_decay", weight_decay, 0)
+    check_float("warmup_fraction", warmup_fraction, 0, 1, open_maximum=True)
+    check_float("min_lr_ratio", min_lr_ratio, 0, 1)
+    check_float("clip_norm", clip_norm, 0, open_minimum=True, allow_inf=True)
+    check_bool("progress", progress)
     from tqdm.auto import tqdm
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -154,10 +199,13 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
                      batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                      progress: bool = False) -> list[float]:
     """Train a classifier with cross-entropy and Adam; return the mean loss of each epoch."""
-    check_model_and_data(model, x, y)
+    check_classifier_data(model, x, y)
     epochs = check_int("epochs", epochs, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     lr = check_positive_float("lr", lr)
+    check_float("weight_decay", weight_decay, 0)
+    seed = check_int("seed", seed, minimum=0)
+    check_bool("progress", progress)
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)

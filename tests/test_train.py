@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -87,5 +89,36 @@ def test_train_causal_lm_reduces_loss(tiny_lm):
     (lambda: train.train_classifier(nn.Linear(1, 1), [0], [0]), TypeError, "x and y must be tensors"),
 ])
 def test_bad_inputs(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def _pool(n=3, length=4):
+    return torch.ones(n, length, dtype=torch.long), torch.ones(n, length, dtype=torch.long)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    # an empty pool used to loop forever; every check runs at the call, before the first next()
+    (lambda: train.mixed_batches([_pool(0)], [2]), ValueError, r"pools\[0\] must hold at least one window"),
+    (lambda: train.mixed_batches([_pool()], [0]), ValueError, r"per_batch\[0\] must be >= 1"),
+    (lambda: train.mixed_batches([_pool()], [2], seed="0"), TypeError, "seed must be an int"),
+    (lambda: train.mixed_batches([(torch.ones(3, 4), torch.ones(3, 4))], [2]), TypeError,
+     r"pools\[0\] input_ids must be an integer tensor"),
+    (lambda: train.train_causal_lm(nn.Linear(1, 1), iter([]), 1, lr=math.inf), ValueError, "lr must be a finite"),
+    (lambda: train.train_causal_lm(nn.Linear(1, 1), iter([]), 1, clip_norm=-1.0), ValueError, "clip_norm must be"),
+    (lambda: train.train_causal_lm(nn.Linear(1, 1), iter([]), 1, weight_decay=-1.0), ValueError, "weight_decay must be"),
+    (lambda: train.train_causal_lm(nn.Linear(1, 1), [], 1), TypeError, "batches must be an iterator"),
+    (lambda: train.train_classifier(nn.Linear(1, 2), torch.zeros(3, 1), torch.zeros(3)), TypeError,
+     "y must hold integer class labels"),
+    (lambda: train.train_classifier(nn.Linear(1, 2), torch.zeros(3, 1), torch.zeros(3, 1, dtype=torch.long)),
+     ValueError, "y must be a 1-D tensor"),
+    (lambda: train.train_classifier(nn.Linear(1, 2), torch.zeros(3, 1), torch.tensor([0, 1, 2])), ValueError,
+     "y must be class indices < the number of classes"),
+    (lambda: train.train_classifier(nn.Linear(1, 2), torch.zeros(3, 1), torch.zeros(3, dtype=torch.long), lr=math.inf),
+     ValueError, "lr must be a finite number"),
+    (lambda: train.pack_sequences([[1, 2]], 4, -1), ValueError, "pad_id must be >= 0"),
+    (lambda: train.stream_windows("abcd", 2), TypeError, "token_ids must be a list of token ids"),
+])
+def test_bad_inputs_issue_11(call, error, message):
     with pytest.raises(error, match=message):
         call()
