@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from companion.checks import check_int
+from companion.checks import check_choice, check_float, check_int, check_positive_float, check_tensor, check_token_ids
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -113,6 +113,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Unstructured, per output row: remove the ``sparsity`` fraction of lowest scores in each row
     (Wanda's comparison group; also used for magnitude so the two differ only in the score)."""
+    check_tensor("scores", scores, kind="float", nonempty=True)
     _check_sparsity(sparsity)
     n_remove = int(scores.shape[-1] * sparsity)
     keep = torch.ones_like(scores, dtype=torch.bool)
@@ -124,6 +125,7 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Unstructured, per layer: remove the ``sparsity`` fraction of lowest scores in the whole matrix
     (classic magnitude pruning; rows may lose very different numbers of weights)."""
+    check_tensor("scores", scores, kind="float", nonempty=True)
     _check_sparsity(sparsity)
     n_remove = int(scores.numel() * sparsity)
     keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
@@ -133,18 +135,23 @@ def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def _check_sparsity(sparsity) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    return float(sparsity)
+    return check_float("sparsity", sparsity, 0, 1, open_maximum=True)
+
+
+def _check_wanda_inputs(weight, input_sq_norm) -> None:
+    """A ``[out, in]`` float weight and ``in`` non-negative, finite sums of squares."""
+    check_tensor("weight", weight, ndim=2, kind="float")
+    check_tensor("input_sq_norm", input_sq_norm, ndim=1, kind="float", finite=True)
+    if weight.shape[-1] != input_sq_norm.shape[-1]:
+        raise ValueError(f"weight has {weight.shape[-1]} inputs but input_sq_norm has {input_sq_norm.shape[-1]}")
+    if bool((input_sq_norm < 0).any()):
+        raise ValueError(f"input_sq_norm must be sums of squares (>= 0), got a minimum of {float(input_sq_norm.min())}")
 
 
 def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
     """Wanda's score (Sun et al. 2023, Eq. 1): ``|W_ij| * ||X_j||_2`` for a ``[out, in]`` weight,
     given the per-input-feature sum of squares over the calibration tokens."""
-    if weight.shape[-1] != input_sq_norm.shape[-1]:
-        raise ValueError(f"weight has {weight.shape[-1]} inputs but input_sq_norm has {input_sq_norm.shape[-1]}")
+    _check_wanda_inputs(weight, input_sq_norm)
     return weight.abs() * input_sq_norm.sqrt().unsqueeze(0)
 
 
@@ -164,6 +171,18 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     over the not-yet-processed columns through the Cholesky factor of ``H^-1`` (the OBS update).
     """
     _check_sparsity(sparsity)
+    check_tensor("weight", weight, ndim=2, kind="float", finite=True, nonempty=True)
+    check_tensor("hessian", hessian, ndim=2, kind="float", finite=True)
+    if nm is not None:
+        if not isinstance(nm, tuple) or len(nm) != 2:
+            raise TypeError(f"nm must be None or an (N, M) tuple, got {nm!r}")
+        parse_pattern(f"{check_int('nm[0]', nm[0], minimum=1)}:{check_int('nm[1]', nm[1], minimum=2)}")
+        if weight.shape[1] % nm[1]:
+            raise ValueError(f"weight has {weight.shape[1]} inputs, not divisible by M={nm[1]}")
+    blocksize = check_int("blocksize", blocksize, minimum=1)
+    if nm is not None and blocksize % nm[1]:
+        raise ValueError(f"blocksize ({blocksize}) must be a multiple of M={nm[1]}")
+    percdamp = check_float("percdamp", percdamp, 0)
     W = weight.detach().clone().float()
     columns = W.shape[1]
     H = hessian.detach().clone().float()
@@ -230,6 +249,17 @@ class _StopForward(Exception):
     pass
 
 
+def _check_calib(model, calib) -> None:
+    """Calibration token ids ``[nsamples, seq_len]`` that the model's embedding can read."""
+    if not isinstance(calib, torch.Tensor) or calib.ndim != 2 or calib.numel() == 0:
+        raise ValueError(f"calib must be a non-empty [nsamples, seq_len] tensor of token ids, got "
+                         f"{type(calib).__name__ if not isinstance(calib, torch.Tensor) else tuple(calib.shape)}")
+    if callable(getattr(model, "get_input_embeddings", None)):
+        check_token_ids("calib", calib, model)
+    else:
+        check_tensor("calib", calib, kind="int")
+
+
 def _block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor):
     """Run the model up to its first block and capture, per calibration sequence, the hidden states
     and the keyword arguments that the block receives (masks, rotary embeddings, ...)."""
@@ -275,8 +305,7 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
         compare: for unstructured magnitude or Wanda, compare scores within each output ``"row"``
             (Wanda's choice) or across the whole ``"layer"`` (classic magnitude pruning).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice("method", method, METHODS)
     if compare not in ("row", "layer"):
         raise ValueError(f"compare must be 'row' or 'layer', got {compare!r}")
     nm = parse_pattern(pattern)
@@ -286,6 +315,7 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
         if not isinstance(calib, torch.Tensor) or calib.ndim != 2 or len(calib) == 0:
             raise ValueError(f"method {method!r} needs calib, a [nsamples, seq_len] tensor of token ids, "
                              f"got {type(calib).__name__ if calib is None else tuple(getattr(calib, 'shape', ()))}")
+        _check_calib(model, calib)
         if nsamples is not None:
             calib = calib[: check_int("nsamples", nsamples, minimum=1)]
     for name, layer in ((n, l) for block in blocks for n, l in block_layers(block).items()):
@@ -354,6 +384,8 @@ def sparsity_report(model: nn.Module) -> dict[str, float]:
 
 def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
     """True when every group of ``m`` consecutive inputs of every row has at most ``n`` non-zeros."""
+    check_tensor("weight", weight)
+    n, m = check_int("n", n, minimum=0), check_int("m", m, minimum=1)
     if weight.shape[-1] % m:
         return False
     return bool(((weight.reshape(-1, m) != 0).sum(1) <= n).all())
@@ -364,6 +396,7 @@ def semi_structured_bytes(out_features: int, in_features: int, bits: int = 16) -
     stores, for each group of 4, which 2 positions are kept), versus the dense matrix."""
     check_int("out_features", out_features, minimum=1)
     check_int("in_features", in_features, minimum=4)
+    check_int("bits", bits, minimum=1)
     dense = out_features * in_features * bits // 8
     values = dense // 2
     metadata = math.ceil(out_features * in_features // 2 * 2 / 8)
@@ -403,8 +436,8 @@ def to_semi_structured(model: nn.Module) -> int:
 def input_feature_norms(model: nn.Module, calib: torch.Tensor) -> dict[str, torch.Tensor]:
     """``||X_j||_2`` over all calibration tokens for every input feature of every prunable layer in the
     decoder blocks (of the model as it is, without pruning): Wanda's activation factor."""
-    if not isinstance(calib, torch.Tensor) or calib.ndim != 2:
-        raise ValueError(f"calib must be a [nsamples, seq_len] tensor of token ids, got {type(calib).__name__}")
+    decoder_blocks(model)  # a clear error for something that is not a decoder model
+    _check_calib(model, calib)
     sums, handles = {}, []
     for index, block in enumerate(decoder_blocks(model)):
         for name, layer in block_layers(block).items():
@@ -424,6 +457,13 @@ def input_feature_norms(model: nn.Module, calib: torch.Tensor) -> dict[str, torc
     return {key: value.sqrt() for key, value in sums.items()}
 
 
+def _check_outlier_args(model, channels, alpha) -> None:
+    """``channels`` in ``[1, hidden size]`` and a finite ``alpha > 0`` (NaN would be written into the weights)."""
+    check_positive_float("alpha", alpha)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    check_int("channels", channels, minimum=1, maximum=hidden if isinstance(hidden, int) else None)
+
+
 @torch.no_grad()
 def plant_outlier_channels(model: nn.Module, channels: int = 8, alpha: float = 20.0) -> list[list[int]]:
     """A constructed, function-preserving change that gives a Llama-style model LLM-like outlier features.
@@ -437,9 +477,7 @@ def plant_outlier_channels(model: nn.Module, channels: int = 8, alpha: float = 2
     pruning then removes the shrunken, important weights; Wanda's ``|W| * ||X||`` does not change.
     Returns the chosen channels per norm. Needs Llama's module names.
     """
-    check_int("channels", channels, minimum=1)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    _check_outlier_args(model, channels, alpha)
     readers = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
     chosen = []

@@ -225,3 +225,38 @@ def test_prune_compare_layer_for_magnitude(tiny_lm):
             assert (pruning.weight_matrix(layer) == 0).float().mean() == pytest.approx(0.5, abs=0.01)
     with pytest.raises(ValueError, match="compare must be 'row' or 'layer'"):
         pruning.prune(model, "magnitude", 0.5, compare="column")
+
+
+# --------------------------------------------------------------------------- bad input (issue 11)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: pruning.wanda_scores(torch.rand(3, 4), torch.rand(1, 4)), ValueError, "input_sq_norm must be a 1-D tensor"),
+    (lambda: pruning.wanda_scores(torch.rand(3, 4), -torch.rand(4)), ValueError, r"input_sq_norm must be sums of squares"),
+    (lambda: pruning.wanda_scores(torch.rand(3, 4), torch.full((4,), float("nan"))), ValueError,
+     "input_sq_norm must be finite"),
+    (lambda: pruning.semi_structured_bytes(8, 8, bits=-16), ValueError, "bits must be >= 1"),
+    (lambda: pruning.row_mask(torch.rand(2, 4), float("nan")), ValueError, "sparsity must be finite"),
+    (lambda: pruning.sparsegpt_prune(torch.rand(2, 8), torch.eye(8), 0.5, blocksize=0), ValueError,
+     "blocksize must be >= 1"),
+    (lambda: pruning.sparsegpt_prune(torch.rand(2, 8), torch.eye(8), 0.5, percdamp=float("nan")), ValueError,
+     "percdamp must be"),
+])
+def test_bad_inputs_issue_11(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_outliers_and_calib_are_checked_before_touching_the_model(tiny_lm):
+    model, tok = tiny_lm
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+        pruning.plant_outlier_channels(model, alpha=float("nan"))
+    with pytest.raises(ValueError, match="channels must be <="):
+        pruning.plant_outlier_channels(model, channels=10_000)
+    too_large = torch.full((1, 4), len(tok) + 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="calib must hold token ids in"):
+        pruning.prune(model, "wanda", calib=too_large)
+    with pytest.raises(ValueError, match="calib must hold token ids in"):
+        pruning.input_feature_norms(model, too_large)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
