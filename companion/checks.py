@@ -36,16 +36,19 @@ def check_float(name: str, value, minimum: float | None = None, maximum: float |
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {_describe(value)}")
     value = float(value)
-    low = "(" if open_minimum else "["
-    high = ")" if open_maximum else "]"
-    interval = "the open interval " if open_minimum and open_maximum else ""
-    expected = f"in {interval}{low}{'-inf' if minimum is None else minimum}, {'inf' if maximum is None else maximum}{high}"
+    if maximum is None and minimum is not None:
+        expected = f"a finite number {'>' if open_minimum else '>='} {minimum}{' (or inf)' if allow_inf else ''}"
+        not_finite = expected
+    else:
+        low, high = "(" if open_minimum else "[", ")" if open_maximum else "]"
+        bounds = f"{low}{'-inf' if minimum is None else minimum}, {'inf' if maximum is None else maximum}{high}"
+        expected, not_finite = f"in {bounds}", f"finite and in {bounds}"
+    note = " (an open interval: both ends excluded)" if open_minimum and open_maximum else ""
     if math.isnan(value) or (math.isinf(value) and not allow_inf):
-        raise ValueError(f"{name} must be finite and {expected}, got {value}")
-    if minimum is not None and (value < minimum or open_minimum and value == minimum):
-        raise ValueError(f"{name} must be {expected}, got {value}")
-    if maximum is not None and (value > maximum or open_maximum and value == maximum):
-        raise ValueError(f"{name} must be {expected}, got {value}")
+        raise ValueError(f"{name} must be {not_finite}, got {value}{note}")
+    if minimum is not None and (value < minimum or open_minimum and value == minimum) or \
+            maximum is not None and (value > maximum or open_maximum and value == maximum):
+        raise ValueError(f"{name} must be {expected}, got {value}{note}")
     return value
 
 
@@ -53,8 +56,10 @@ def check_positive_float(name: str, value) -> float:
     """``value`` as a finite float > 0, or a ``TypeError`` / ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {_describe(value)}")
-    if not (value > 0 and math.isfinite(value)):
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
     return float(value)
 
 
@@ -67,7 +72,7 @@ def check_bool(name: str, value) -> bool:
 def check_choice(name: str, value, choices) -> object:
     """``value`` if it is one of ``choices`` (compared by equality, strings only matched as strings)."""
     if not any(type(value) is type(c) and value == c for c in choices):
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {_describe(value)}")
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
 
 
@@ -195,12 +200,16 @@ def vocab_size(model) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
 
+def check_tokenizer(tokenizer) -> None:
+    if not callable(tokenizer) or not hasattr(tokenizer, "decode") or not hasattr(tokenizer, "__len__"):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {_describe(tokenizer)}")
+
+
 def check_lm_and_tokenizer(model, tokenizer) -> None:
     """A Hugging Face causal LM and a tokenizer whose ids it can embed: a tokenizer with more tokens than
     the model's embedding would index past it (torch's "index out of range in self")."""
     check_causal_lm(model)
-    if not callable(tokenizer) or not hasattr(tokenizer, "decode") or not hasattr(tokenizer, "__len__"):
-        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {_describe(tokenizer)}")
+    check_tokenizer(tokenizer)
     size = vocab_size(model)
     if len(tokenizer) > size:
         raise ValueError(f"tokenizer does not match model: it has {len(tokenizer)} tokens, more than the "

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ import torch
 from torch import nn
 
 from companion import mia
-from companion.checks import check_bool, check_choice, check_classifier_data, check_float, check_int, check_positive_float
+from companion.checks import check_choice, check_classifier_data, check_float, check_int, check_positive_float
 
 ACCOUNTANTS = ("rdp", "prv")
 

@@ -39,9 +39,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from companion.checks import check_bool, check_int, check_positive_float
+from companion.checks import (check_bool, check_float, check_int, check_lm_and_tokenizer,
+                              check_positive_float, check_token_ids, check_tokenizer, vocab_size)
 
 PLACEHOLDER = "{optim_str}"
 #: Refusal phrases of the refusal-prefix judge (the list in llm-attacks, trimmed, plus ours).
@@ -93,9 +93,9 @@ class GCGConfig:
         for name in ("use_mellowmax", "early_stop", "use_prefix_cache", "allow_non_ascii", "filter_ids"):
             check_bool(name, getattr(self, name))
         check_positive_float("mellowmax_alpha", self.mellowmax_alpha)
-        if isinstance(self.fluency_weight, bool) or not isinstance(self.fluency_weight, (int, float)) \
-                or self.fluency_weight < 0:
+        if isinstance(self.fluency_weight, bool) or not isinstance(self.fluency_weight, (int, float)):
             raise ValueError(f"fluency_weight must be a number >= 0, got {self.fluency_weight!r}")
+        check_float("fluency_weight", self.fluency_weight, 0)
         if self.seed is not None:
             check_int("seed", self.seed, minimum=0)
 
@@ -151,11 +151,7 @@ class AttackPrompt:
 
 
 def _check_model_tokenizer(model, tokenizer) -> None:
-    if not isinstance(model, nn.Module) or not hasattr(model, "get_input_embeddings"):
-        raise TypeError(f"model must be a Hugging Face causal LM (an nn.Module with get_input_embeddings), "
-                        f"got {type(model).__name__}")
-    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
-        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    check_lm_and_tokenizer(model, tokenizer)
 
 
 def _check_messages(messages) -> list[dict]:
@@ -176,6 +172,7 @@ def build_prompt(tokenizer, messages, target: str) -> AttackPrompt:
     conversation is rendered by ``apply_chat_template`` (with the generation prompt); a tokenizer
     without one (a base model) gets nanoGCG's fallback: the contents concatenated, no roles.
     """
+    check_tokenizer(tokenizer)
     if not isinstance(target, str):
         raise TypeError(f"target must be a str, got {type(target).__name__}")
     if not target.strip():
@@ -203,6 +200,7 @@ def build_prompt(tokenizer, messages, target: str) -> AttackPrompt:
 
 def init_suffix_ids(tokenizer, optim_str_init: str) -> list[int]:
     """The initial suffix's token ids; a clear error when it tokenises to nothing."""
+    check_tokenizer(tokenizer)
     if not isinstance(optim_str_init, str):
         raise TypeError(f"optim_str_init must be a str, got {type(optim_str_init).__name__}")
     ids = tokenizer(optim_str_init, add_special_tokens=False)["input_ids"]
@@ -215,6 +213,7 @@ def allowed_token_mask(tokenizer, vocab_size: int, allow_non_ascii: bool = False
     """``[vocab_size]`` bools: tokens a suffix may use. Never special tokens (BOS, EOS, PAD, UNK, chat
     roles: a suffix must not forge the template) or ids beyond the tokenizer; unless
     ``allow_non_ascii``, only tokens that decode to non-empty printable ASCII."""
+    check_tokenizer(tokenizer)
     vocab_size = check_int("vocab_size", vocab_size, minimum=1)
     check_bool("allow_non_ascii", allow_non_ascii)
     mask = torch.zeros(vocab_size, dtype=torch.bool)
@@ -344,6 +343,7 @@ def token_gradients(model, tokenizer, messages, target: str, suffix_ids, config:
     _check_model_tokenizer(model, tokenizer)
     config = _check_config(config)
     suffix = _check_ids("suffix_ids", suffix_ids)
+    check_token_ids("suffix_ids", suffix[None], model)
     return _Scorer(model, build_prompt(tokenizer, messages, target), config).gradient(suffix)[0]
 
 
@@ -355,6 +355,7 @@ def candidate_losses(model, tokenizer, messages, target: str, candidates, config
     config = _check_config(config)
     if not isinstance(candidates, torch.Tensor) or candidates.dim() != 2 or candidates.numel() == 0:
         raise ValueError(f"candidates must be a non-empty [B, L] tensor of token ids, got {candidates!r}")
+    check_token_ids("candidates", candidates, model)
     return _Scorer(model, build_prompt(tokenizer, messages, target), config).losses(candidates.long())[0]
 
 
@@ -402,6 +403,7 @@ def retokenization_filter(tokenizer, candidates: torch.Tensor, before_ids=None) 
     """Boolean mask of the candidates that survive decode -> encode unchanged (a suffix that does not
     retokenise to itself is not the string a user would send). With ``before_ids`` the check covers
     ``before + suffix``, which also catches merges across the boundary."""
+    check_tokenizer(tokenizer)
     if not isinstance(candidates, torch.Tensor) or candidates.dim() != 2:
         raise ValueError(f"candidates must be a [B, L] tensor of token ids, got {type(candidates).__name__}")
     prefix = [] if before_ids is None else list(torch.as_tensor(before_ids).tolist())
@@ -589,6 +591,7 @@ def chat_prompt_ids(tokenizer, content: str) -> list[int]:
     """Generation-prompt ids for one user message: the course's role-forgery-safe
     :func:`companion.tokenizer.encode_chat` for the course tokenizer, ``apply_chat_template`` for
     another chat tokenizer, the bare text for a base model."""
+    check_tokenizer(tokenizer)
     if not isinstance(content, str):
         raise TypeError(f"content must be a str, got {type(content).__name__}")
     from companion.tokenizer import ROLE_TOKENS, encode_chat
@@ -617,6 +620,10 @@ def generate_batch(model, tokenizer, prompts: list, max_new_tokens: int = 24) ->
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, (list, tuple)) and p for p in prompts):
         raise TypeError("prompts must be a non-empty list of non-empty token-id lists")
+    size = vocab_size(model)
+    for i, p in enumerate(prompts):
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < size for t in p):
+            raise ValueError(f"prompts[{i}] must hold token ids in [0, {size}) (the model's vocabulary), got {list(p)!r}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -667,6 +674,8 @@ class PerplexityFilter:
         self.window_size = check_int("window_size", window_size, minimum=1)
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
             raise TypeError(f"threshold must be a number or None, got {type(threshold).__name__}")
+        if threshold is not None:
+            check_float("threshold", threshold)  # NaN would flag nothing: the defence silently off
         self.threshold = threshold
 
     def scores(self, texts: list[str]) -> torch.Tensor:
@@ -704,6 +713,8 @@ def perturb(text: str, q: float, kind: str = "swap", rng: random.Random | None =
         raise ValueError(f"q must be a fraction in [0, 1], got {q!r}")
     if kind not in ("swap", "insert", "patch"):
         raise ValueError(f"kind must be 'swap', 'insert' or 'patch', got {kind!r}")
+    if rng is not None and not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be None or a random.Random, got {type(rng).__name__}")
     rng = rng or random.Random(0)
     alphabet = string.printable
     k = int(len(text) * q)
@@ -738,6 +749,8 @@ def smooth_llm(model, tokenizer, prompt: str, n_copies: int = 10, q: float = 0.1
         raise TypeError(f"prompt must be a non-empty str, got {prompt!r}")
     n_copies = check_int("n_copies", n_copies, minimum=1)
     seed = check_int("seed", seed, minimum=0)
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
+    perturb(prompt, q, kind)  # q and kind checked before any generation
     rng = random.Random(seed)
     replies = generate_batch(model, tokenizer, [chat_prompt_ids(tokenizer, perturb(prompt, q, kind, rng))
                                                 for _ in range(n_copies)], max_new_tokens)

@@ -347,3 +347,40 @@ def test_batched_generation_equals_one_by_one(tiny_lm):
     assert gcg.generate_batch(model, tok, prompts, max_new_tokens=6) == [gcg.generate(model, tok, p, 6) for p in prompts]
     with pytest.raises(TypeError, match="prompts must be"):
         gcg.generate_batch(model, tok, [[]])
+
+
+# --------------------------------------------------------------------------- bad input (issue 11)
+
+
+def test_perplexity_filter_rejects_a_nan_threshold(tiny_lm):
+    model, tok = tiny_lm
+    with pytest.raises(ValueError, match="threshold must be finite"):
+        gcg.PerplexityFilter(model, tok, threshold=float("nan"))
+
+
+def test_a_tokenizer_larger_than_the_model_is_a_clear_error(small_tokenizer):
+    from companion.zoo import LMRecipe, build_lm
+
+    recipe = LMRecipe(architecture="gpt2", hidden=16, layers=1, heads=2, intermediate=32, context=32)
+    small = build_lm(recipe, len(small_tokenizer) - 10, {})
+    with pytest.raises(ValueError, match="tokenizer does not match model"):
+        gcg.PerplexityFilter(small, small_tokenizer)
+    with pytest.raises(ValueError, match="tokenizer does not match model"):
+        gcg.gcg(small, small_tokenizer, "hi", "Sure")
+
+
+def test_token_ids_beyond_the_vocabulary_are_rejected(tiny_lm):
+    model, tok = tiny_lm
+    big = len(tok) + 3
+    with pytest.raises(ValueError, match="candidates must hold token ids"):
+        gcg.candidate_losses(model, tok, "hi", "Sure", torch.tensor([[big]]))
+    with pytest.raises(ValueError, match="suffix_ids must hold token ids"):
+        gcg.token_gradients(model, tok, "hi", "Sure", [big])
+    with pytest.raises(ValueError, match=r"prompts\[0\] must hold token ids"):
+        gcg.generate_batch(model, tok, [[1, big]])
+    with pytest.raises(TypeError, match="tokenizer must be a Hugging Face tokenizer"):
+        gcg.build_prompt(None, "hi", "Sure")
+    with pytest.raises(ValueError, match="fluency_weight must be finite|fluency_weight must be a finite"):
+        gcg.GCGConfig(fluency_weight=float("nan"))
+    with pytest.raises(ValueError, match="mellowmax_alpha must be a finite"):
+        gcg.GCGConfig(mellowmax_alpha=float("inf"))
