@@ -284,7 +284,7 @@ def test_lm_scores_reject_an_empty_text(tiny_lm):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    ({"lr": -1e-3}, ValueError, "lr must be a finite number > 0"),
+    ({"lr": -1e-3}, ValueError, "lr must be > 0, got -0.001"),
     ({"lr": float("inf")}, ValueError, "lr must be a finite number > 0"),
     ({"vectorized": "no"}, TypeError, "vectorized must be a bool"),
 ])
