@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from companion.checks import check_bool, check_int
+from companion.checks import check_bool, check_float, check_int, check_str
 
 # --------------------------------------------------------------------------------------------------
 # 1. The biography world
@@ -105,6 +105,14 @@ class Person:
     hobby: str
     favourite_colour: str
     lucky_number: int
+
+    def __post_init__(self):
+        check_str("name", self.name)
+        for field_name in ("birth_month", "city", "profession", "employer", "favourite_food", "pet", "hobby",
+                           "favourite_colour"):
+            check_str(field_name, getattr(self, field_name))
+        check_int("birth_year", self.birth_year)
+        check_int("lucky_number", self.lucky_number)
 
     @property
     def first_name(self) -> str:
@@ -184,6 +192,13 @@ class Canary:
     secret: str
     repeats: int
 
+    def __post_init__(self):
+        check_str("text", self.text)
+        check_str("secret", self.secret)
+        if self.secret not in self.text:
+            raise ValueError(f"secret {self.secret!r} must occur in text {self.text!r}")
+        check_int("repeats", self.repeats, minimum=0)
+
 
 def make_canaries(repeats: tuple[int, ...] = (0, 1, 4, 16), per_level: int = 4, digits: int = 6,
                   seed: int = 0) -> list[Canary]:
@@ -236,6 +251,19 @@ class BiographyWorld:
     canaries: tuple[Canary, ...] = field(default_factory=tuple)
     seed: int = 0
 
+    def __post_init__(self):
+        n = len(self.people)
+        for name in ("biographies", "split", "stated"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} must have one entry per person ({n}), got {len(getattr(self, name))}")
+        if not all(isinstance(p, Person) for p in self.people):
+            raise TypeError("people must be a tuple of Person")
+        if not set(self.split) <= set(SPLITS):
+            raise ValueError(f"split entries must be among {SPLITS}, got {sorted(set(self.split) - set(SPLITS))}")
+        if not all(isinstance(c, Canary) for c in self.canaries):
+            raise TypeError("canaries must be a tuple of Canary")
+        check_int("seed", self.seed, minimum=0)
+
     def indices(self, split: str) -> list[int]:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -257,8 +285,12 @@ def make_world(n_people: int = 3000, fractions: tuple[float, float, float] = (1 
     n_people = check_int("n_people", n_people, minimum=3)
     if not isinstance(fractions, (tuple, list)) or len(fractions) != 3:
         raise TypeError(f"fractions must be a tuple of three floats, got {fractions!r}")
-    if any((not isinstance(f, (int, float))) or f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+    for i, f in enumerate(fractions):
+        check_float(f"fractions[{i}]", f, 0, 1)
+    if abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions!r}")
+    check_int("facts", facts, minimum=0, maximum=len(ATTRIBUTES) - 1)
+    check_int("seed", seed, minimum=0)
     check_bool("canaries", canaries)
     people = make_people(n_people, seed=seed)
     rng = random.Random(seed + 1)
@@ -299,6 +331,10 @@ DOC_MODULES = (
 class Document:
     title: str
     text: str
+
+    def __post_init__(self):
+        check_str("title", self.title, nonempty=False)
+        check_str("text", self.text, nonempty=False)
 
 
 def _normalise(text: str) -> str:
@@ -347,6 +383,8 @@ def python_docs() -> list[Document]:
 
 def fingerprint(texts: list[str]) -> str:
     """A short sha256 of a list of texts: part of every cache key, shown in chapter 00."""
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
     digest = hashlib.sha256()
     for text in texts:
         digest.update(text.encode("utf-8"))
@@ -362,6 +400,9 @@ def split_documents(docs: list[Document], valid_fraction: float = 0.05, seed: in
         raise TypeError("docs must be a list of Document")
     if not isinstance(valid_fraction, float) or not 0 < valid_fraction < 1:
         raise ValueError(f"valid_fraction must be a float in (0, 1), got {valid_fraction!r}")
+    seed = check_int("seed", seed, minimum=0)
+    if len(docs) < 2:
+        raise ValueError(f"docs must hold at least two documents (one to train on, one to validate), got {len(docs)}")
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     total = sum(len(d.text) for d in docs)
@@ -410,5 +451,8 @@ def digits_splits(seed: int = 0, train_fraction: float = 0.5) -> DigitsSplits:
     x, y = load_digits_tensors()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     cut = int(round(train_fraction * len(x)))
+    if not 0 < cut < len(x):
+        raise ValueError(f"train_fraction={train_fraction} leaves {cut} of {len(x)} digits for training; "
+                         "both halves need at least one")
     train, test = order[:cut], order[cut:]
     return DigitsSplits(x[train], y[train], x[test], y[test])

@@ -1,3 +1,4 @@
+import math
 import random
 
 import pytest
@@ -107,3 +108,28 @@ def test_world_records_which_attributes_each_biography_states():
         assert stated[0] == "birth_year" and len(stated) == 5 and len(set(stated)) == 5
         for attribute in stated:
             assert str(getattr(person, attribute)) in bio
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: data.make_world(n_people=9, fractions=(math.nan, math.nan, math.nan)), ValueError,
+     r"fractions\[0\] must be finite"),
+    (lambda: data.make_world(n_people=9, facts=99), ValueError, "facts must be <= 9"),
+    (lambda: data.digits_splits(train_fraction=1e-4), ValueError, "train_fraction=0.0001 leaves 0 of 1797"),
+    (lambda: data.Canary("The code is 1 .", "2", 1), ValueError, "secret '2' must occur in text"),
+    (lambda: data.Canary("The code is 1 .", "1", -1), ValueError, "repeats must be >= 0"),
+    (lambda: data.Document("t", None), TypeError, "text must be a str"),
+    (lambda: data.split_documents([data.Document("t", "x" * 300)], 0.05), ValueError, "docs must hold at least two"),
+    (lambda: data.fingerprint("abc"), TypeError, "texts must be a list of str"),
+])
+def test_bad_inputs_issue_11(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_world_and_person_validate_their_fields():
+    person = data.make_people(1, seed=2)[0]
+    with pytest.raises(TypeError, match="lucky_number must be an int"):
+        data.Person(**(person.attributes() | {"lucky_number": "7"}))
+    world = data.make_world(n_people=6, seed=0)
+    with pytest.raises(ValueError, match="biographies must have one entry per person"):
+        data.BiographyWorld(world.people, world.biographies[:-1], world.split, world.stated)
