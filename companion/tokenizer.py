@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from companion.checks import check_bool, check_int, check_tokenizer
+
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 #: Chat roles. Each is one special token, so a user cannot forge a role by typing its name.
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -37,11 +39,8 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048, min_frequency: int
     """
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must be a non-empty list of str")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), "
-                         f"got {vocab_size}")
+    check_int("vocab_size", vocab_size, minimum=256 + len(SPECIAL_TOKENS))
+    check_int("min_frequency", min_frequency, minimum=0)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -63,8 +62,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048, min_frequency: int
 
 def wrap(tokenizer_object):
     """Wrap a ``tokenizers.Tokenizer`` with the course's special tokens and chat template."""
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    if not isinstance(tokenizer_object, Tokenizer):
+        raise TypeError(f"tokenizer_object must be a tokenizers.Tokenizer, got {type(tokenizer_object).__name__}")
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer_object, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
     )
@@ -72,6 +74,13 @@ def wrap(tokenizer_object):
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = 1024
     return fast
+
+
+def _check_chat_call(tokenizer, messages, add_generation_prompt) -> None:
+    check_tokenizer(tokenizer)
+    if not isinstance(messages, list) or not messages:
+        raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    check_bool("add_generation_prompt", add_generation_prompt)
 
 
 def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -84,8 +93,7 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     ``split_special_tokens=True``, so typed markers stay plain characters. Chapter 06 builds on this.
     For benign contents the result equals ``apply_chat_template(..., tokenize=True)``.
     """
-    if not isinstance(messages, list) or not messages:
-        raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    _check_chat_call(tokenizer, messages, add_generation_prompt)
     role_ids = {role: tokenizer.convert_tokens_to_ids(token) for role, token in ROLE_TOKENS.items()}
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     if tokenizer.unk_token_id in (*role_ids.values(), end_id) or tokenizer.bos_token != BOS:
@@ -108,6 +116,8 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
 
 def load_tokenizer(path: str | Path):
     """Load a tokenizer saved with ``save_pretrained`` (offline; a clear error if the folder is missing)."""
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or pathlib.Path, got {type(path).__name__}")
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}")

@@ -96,3 +96,17 @@ def test_encode_chat_rejects_other_tokenizers(tiny_lm):
                                     unk_token="[UNK]")
     with pytest.raises(ValueError, match="must be the course tokenizer"):
         ctok.encode_chat(other, [{"role": "user", "content": "a"}])
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda tok: ctok.encode_chat(tok, [{"role": "user", "content": "hi"}], add_generation_prompt="no"), TypeError,
+     "add_generation_prompt must be a bool"),
+    (lambda tok: ctok.encode_chat(None, [{"role": "user", "content": "hi"}]), TypeError,
+     "tokenizer must be a Hugging Face tokenizer"),
+    (lambda tok: ctok.load_tokenizer(None), TypeError, "path must be a str or pathlib.Path"),
+    (lambda tok: ctok.wrap("tokenizer"), TypeError, "tokenizer_object must be a tokenizers.Tokenizer"),
+    (lambda tok: ctok.train_tokenizer(["a"], min_frequency=-1), ValueError, "min_frequency must be >= 0"),
+])
+def test_bad_inputs_issue_11(small_tokenizer, call, error, message):
+    with pytest.raises(error, match=message):
+        call(small_tokenizer)
