@@ -171,6 +171,9 @@ def output_classes(model, x) -> int:
     try:
         with torch.no_grad():
             out = model(x[:1])
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise ValueError(f"x does not fit the model: applying it to x[:1] (shape {tuple(x[:1].shape)}) failed "
+                         f"with {type(error).__name__}: {error}") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:

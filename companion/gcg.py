@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from companion.checks import (check_bool, check_float, check_int, check_lm_and_tokenizer,
-                              check_positive_float, check_token_ids, check_tokenizer, vocab_size)
+                              check_positive_float, check_tensor, check_token_ids, check_tokenizer, vocab_size)
 
 PLACEHOLDER = "{optim_str}"
 #: Refusal phrases of the refusal-prefix judge (the list in llm-attacks, trimmed, plus ours).
@@ -406,6 +406,12 @@ def retokenization_filter(tokenizer, candidates: torch.Tensor, before_ids=None) 
     check_tokenizer(tokenizer)
     if not isinstance(candidates, torch.Tensor) or candidates.dim() != 2:
         raise ValueError(f"candidates must be a [B, L] tensor of token ids, got {type(candidates).__name__}")
+    check_tensor("candidates", candidates, kind="int")
+    if isinstance(before_ids, torch.Tensor):
+        check_tensor("before_ids", before_ids, ndim=1, kind="int")
+    elif before_ids is not None and (not isinstance(before_ids, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in before_ids)):
+        raise TypeError(f"before_ids must be None or a list of token ids, got {before_ids!r}")
     prefix = [] if before_ids is None else list(torch.as_tensor(before_ids).tolist())
     rows = candidates.tolist()
     texts = [tokenizer.decode(prefix + row) for row in rows]
@@ -608,6 +614,10 @@ def chat_prompt_ids(tokenizer, content: str) -> list[int]:
 def generate(model, tokenizer, prompt_ids, max_new_tokens: int = 24) -> str:
     """Greedy decoding (fixed, as every ASR number here uses) of at most ``max_new_tokens``; returns the
     reply text without special tokens."""
+    if isinstance(prompt_ids, torch.Tensor):
+        check_tensor("prompt_ids", prompt_ids, kind="int")
+        prompt_ids = prompt_ids.reshape(-1)
+    _check_ids("prompt_ids", prompt_ids)
     return generate_batch(model, tokenizer, [torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).tolist()],
                           max_new_tokens)[0]
 

@@ -41,6 +41,7 @@ def _check_classifier_inputs(model, x, y) -> None:
 
 def _label_index(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each example's label as a gather index broadcast to ``values`` (``[..., N, C]`` -> ``[..., N, 1]``)."""
+    check_tensor("logits", values, kind="float", finite=True)
     check_labels("labels", labels, values.shape[-1])
     if values.ndim < 2 or values.shape[-2] != len(labels):
         raise ValueError(f"labels must have one entry per example of the [..., N, C] values ({tuple(values.shape)}), "

@@ -113,7 +113,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Unstructured, per output row: remove the ``sparsity`` fraction of lowest scores in each row
     (Wanda's comparison group; also used for magnitude so the two differ only in the score)."""
-    check_tensor("scores", scores, kind="float", nonempty=True)
+    check_tensor("scores", scores, kind="float", finite=True, nonempty=True)
     _check_sparsity(sparsity)
     n_remove = int(scores.shape[-1] * sparsity)
     keep = torch.ones_like(scores, dtype=torch.bool)
@@ -125,7 +125,7 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Unstructured, per layer: remove the ``sparsity`` fraction of lowest scores in the whole matrix
     (classic magnitude pruning; rows may lose very different numbers of weights)."""
-    check_tensor("scores", scores, kind="float", nonempty=True)
+    check_tensor("scores", scores, kind="float", finite=True, nonempty=True)
     _check_sparsity(sparsity)
     n_remove = int(scores.numel() * sparsity)
     keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)

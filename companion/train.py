@@ -183,7 +183,11 @@ def train_causal_lm(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]
     model.train()
     losses = []
     for _ in tqdm(range(steps), disable=not progress, desc="train LM"):
-        batch = next(batches)
+        try:
+            batch = next(batches)
+        except StopIteration:
+            raise ValueError(f"batches ran out after {len(losses)} of steps={steps} batches; pass an endless "
+                             "iterator such as mixed_batches(...)") from None
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

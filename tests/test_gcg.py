@@ -384,3 +384,17 @@ def test_token_ids_beyond_the_vocabulary_are_rejected(tiny_lm):
         gcg.GCGConfig(fluency_weight=float("nan"))
     with pytest.raises(ValueError, match="mellowmax_alpha must be a finite"):
         gcg.GCGConfig(mellowmax_alpha=float("inf"))
+
+
+def test_generate_and_filter_check_their_token_ids(tiny_lm):
+    model, tok = tiny_lm
+    with pytest.raises(TypeError, match="prompt_ids must be an integer tensor"):
+        gcg.generate(model, tok, torch.zeros(3))
+    with pytest.raises(ValueError, match="prompt_ids must be a non-empty list of token ids"):
+        gcg.generate(model, tok, float("nan"))
+    assert gcg.generate(model, tok, torch.tensor([[1, 5, 6]]), max_new_tokens=1) == \
+        gcg.generate(model, tok, [1, 5, 6], max_new_tokens=1)
+    with pytest.raises(TypeError, match="candidates must be an integer tensor"):
+        gcg.retokenization_filter(tok, torch.zeros(1, 2))
+    with pytest.raises(TypeError, match="before_ids must be None or a list of token ids"):
+        gcg.retokenization_filter(tok, torch.tensor([[5, 6]]), before_ids=3)

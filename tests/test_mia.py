@@ -294,3 +294,8 @@ def test_train_shadow_models_checks_its_recipe(kwargs, error, message):
         mia.train_shadow_models(_small_mlp, x, y, mia.balanced_keep(3, len(x)), epochs=1, **kwargs)
     with pytest.raises(ValueError, match="y must be class indices"):
         mia.train_shadow_models(_small_mlp, x, y + 10, mia.balanced_keep(3, len(x)), epochs=1)
+
+
+def test_scaled_confidence_rejects_nan_logits():
+    with pytest.raises(ValueError, match="logits must be finite"):
+        mia.scaled_confidence(torch.full((3, 2), float("nan")), torch.zeros(3, dtype=torch.long))

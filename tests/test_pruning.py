@@ -260,3 +260,10 @@ def test_outliers_and_calib_are_checked_before_touching_the_model(tiny_lm):
     with pytest.raises(ValueError, match="calib must hold token ids in"):
         pruning.input_feature_norms(model, too_large)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_masks_reject_nan_scores():
+    with pytest.raises(ValueError, match="scores must be finite"):
+        pruning.row_mask(torch.full((2, 4), float("nan")), 0.5)
+    with pytest.raises(ValueError, match="scores must be finite"):
+        pruning.layer_mask(torch.full((2, 4), float("nan")), 0.5)

@@ -122,3 +122,18 @@ def _pool(n=3, length=4):
 def test_bad_inputs_issue_11(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_train_causal_lm_says_when_batches_run_out():
+    from companion.zoo import LMRecipe, build_lm
+
+    model = build_lm(LMRecipe(architecture="llama", hidden=16, layers=1, heads=2, intermediate=16, context=8), 300, {})
+    ids = torch.randint(0, 300, (2, 8))
+    batches = iter([{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}])
+    with pytest.raises(ValueError, match="batches ran out after 1 of steps=3"):
+        train.train_causal_lm(model, batches, steps=3)
+
+
+def test_train_classifier_says_when_x_does_not_fit_the_model():
+    with pytest.raises(ValueError, match="x does not fit the model"):
+        train.train_classifier(nn.Linear(4, 2), torch.zeros(3, 5), torch.zeros(3, dtype=torch.long))

@@ -88,9 +88,34 @@ def test_unknown_name_lists_available():
 
 
 def test_build_lm_rejects_unknown_architecture():
-    recipe = zoo.LMRecipe(architecture="mamba", hidden=8, layers=1, heads=1, intermediate=8)
     with pytest.raises(ValueError, match="architecture must be 'llama' or 'gpt2'"):
-        zoo.build_lm(recipe, 300, {})
+        zoo.LMRecipe(architecture="mamba", hidden=8, layers=1, heads=1, intermediate=8)  # checked in the recipe
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: zoo.LMRecipe(architecture="llama", hidden=30, layers=1, heads=4, intermediate=8), ValueError,
+     r"hidden \(30\) must be divisible by heads \(4\)"),
+    (lambda: zoo.LMRecipe(architecture="llama", hidden=8, layers=1, heads=1, intermediate=8, bio_per_batch=32),
+     ValueError, "bio_per_batch must be <= 31"),
+    (lambda: zoo.LMRecipe(architecture="llama", hidden=8, layers=1, heads=1, intermediate=8, lr=float("nan")),
+     ValueError, "lr must be a finite number > 0"),
+    (lambda: zoo.ClassifierRecipe(epochs=0), ValueError, "epochs must be >= 1"),
+    (lambda: zoo.ClassifierRecipe(weight_decay=-1.0), ValueError, "weight_decay must be"),
+    (lambda: zoo.ChatRecipe(batch_size=20), ValueError, "batch_size must be >= 21"),
+    (lambda: zoo.TokenizerRecipe(vocab_size=10), ValueError, "vocab_size must be >= 264"),
+    (lambda: zoo.build_lm("recipe", 300, {}), TypeError, "recipe must be an LMRecipe"),
+    (lambda: zoo.build_lm(zoo.RECIPES["tiny-llama"], 300, {"pad_token_id": 999}), ValueError, "special_ids must be"),
+    (lambda: zoo.build_classifier(None), TypeError, "recipe must be a ClassifierRecipe"),
+])
+def test_recipes_validate_in_post_init(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_recipe_validation_keeps_every_cache_key():
+    # __post_init__ only checks: the recipes (and so their cache keys) are exactly the dataclass fields
+    for recipe in zoo.RECIPES.values():
+        assert type(recipe)(**{k: getattr(recipe, k) for k in recipe.__dataclass_fields__}) == recipe
 
 
 def test_corpus_splits_world_and_docs():
