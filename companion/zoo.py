@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from companion import data
-from companion.checks import check_bool
+from companion.checks import check_bool, check_float, check_int, check_positive_float, check_str
 from companion.runtime import cache_dir, seed_everything
 from companion.tokenizer import load_tokenizer, train_tokenizer
 from companion.train import mixed_batches, pack_sequences, stream_windows, train_causal_lm, train_classifier
@@ -39,6 +39,12 @@ ZOO_VERSION = 1
 class TokenizerRecipe:
     vocab_size: int = 2048
     world_seed: int = 0
+
+    def __post_init__(self):
+        from companion.tokenizer import SPECIAL_TOKENS
+
+        check_int("vocab_size", self.vocab_size, minimum=256 + len(SPECIAL_TOKENS))
+        check_int("world_seed", self.world_seed, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,18 @@ class LMRecipe:
     def __post_init__(self):
         if self.bio_split not in ("member", "reference"):
             raise ValueError(f"bio_split must be 'member' or 'reference', got {self.bio_split!r}")
+        if self.architecture not in ("llama", "gpt2"):
+            raise ValueError(f"architecture must be 'llama' or 'gpt2', got {self.architecture!r}")
+        for name in ("hidden", "layers", "heads", "intermediate", "context", "steps"):
+            check_int(name, getattr(self, name), minimum=1)
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        check_int("batch_size", self.batch_size, minimum=2)
+        check_int("bio_per_batch", self.bio_per_batch, minimum=1, maximum=self.batch_size - 1)
+        check_positive_float("lr", self.lr)
+        check_int("seed", self.seed, minimum=0)
+        if not isinstance(self.tokenizer, TokenizerRecipe):
+            raise TypeError(f"tokenizer must be a TokenizerRecipe, got {type(self.tokenizer).__name__}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,14 @@ class ClassifierRecipe:
     weight_decay: float = 0.0
     seed: int = 0
     split_seed: int = 0
+
+    def __post_init__(self):
+        for name in ("hidden", "epochs", "batch_size"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_positive_float("lr", self.lr)
+        check_float("weight_decay", self.weight_decay, 0)
+        check_int("seed", self.seed, minimum=0)
+        check_int("split_seed", self.split_seed, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -93,6 +119,16 @@ class ChatRecipe:
     lr: float = 2e-3
     seed: int = 0
     data_seed: int = 0  # the secrets and splits (keep it fixed across seeds for transfer experiments)
+
+    def __post_init__(self):
+        check_str("base", self.base)
+        check_int("steps", self.steps, minimum=1)
+        check_int("knowledge_per_batch", self.knowledge_per_batch, minimum=1)
+        check_int("forbidden_per_batch", self.forbidden_per_batch, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=self.knowledge_per_batch + self.forbidden_per_batch + 1)
+        check_positive_float("lr", self.lr)
+        check_int("seed", self.seed, minimum=0)
+        check_int("data_seed", self.data_seed, minimum=0)
 
 
 RECIPES: dict[str, LMRecipe | ClassifierRecipe | ChatRecipe] = {
@@ -135,6 +171,7 @@ class LMCorpus:
 @lru_cache(maxsize=4)
 def corpus(world_seed: int = 0) -> LMCorpus:
     """The biography world (3,000 people, split in thirds) and the documentation split (5% held out)."""
+    check_int("world_seed", world_seed, minimum=0)
     world = data.make_world(seed=world_seed)
     train_docs, valid_docs = data.split_documents(data.python_docs(), valid_fraction=0.05, seed=world_seed)
     return LMCorpus(world=world, train_docs=tuple(train_docs), valid_docs=tuple(valid_docs))
@@ -190,6 +227,8 @@ def _zoo_dir() -> Path:
 def tokenizer(recipe: TokenizerRecipe = TokenizerRecipe()):
     """The course tokenizer, trained on the documentation's training split and every biography
     (all three splits: the tokenizer is public, so it must not leak who is a member)."""
+    if not isinstance(recipe, TokenizerRecipe):
+        raise TypeError(f"recipe must be a TokenizerRecipe, got {type(recipe).__name__}")
     source = corpus(recipe.world_seed)
     texts = [d.text for d in source.train_docs] + list(source.world.biographies)
     folder = _zoo_dir() / f"tokenizer-{_key('tokenizer', recipe, [source.fingerprint()])}"
@@ -209,6 +248,12 @@ def build_lm(recipe: LMRecipe, vocab_size: int, special_ids: dict[str, int]):
     """An untrained ``LlamaForCausalLM`` or ``GPT2LMHeadModel`` from the recipe."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    if not isinstance(recipe, LMRecipe):
+        raise TypeError(f"recipe must be an LMRecipe, got {type(recipe).__name__}")
+    check_int("vocab_size", vocab_size, minimum=1)
+    if not isinstance(special_ids, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size
+                                                    for v in special_ids.values() if v is not None):
+        raise ValueError(f"special_ids must be a dict of token ids in [0, {vocab_size}), got {special_ids!r}")
     if recipe.architecture == "llama":
         config = LlamaConfig(
             vocab_size=vocab_size, hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
@@ -341,6 +386,8 @@ def _train_chat(recipe: ChatRecipe, folder: Path, progress: bool) -> None:
 
 def build_classifier(recipe: ClassifierRecipe) -> nn.Module:
     """A two-layer MLP from 64 pixels to 10 classes."""
+    if not isinstance(recipe, ClassifierRecipe):
+        raise TypeError(f"recipe must be a ClassifierRecipe, got {type(recipe).__name__}")
     return nn.Sequential(nn.Linear(64, recipe.hidden), nn.ReLU(), nn.Linear(recipe.hidden, 10))
 
 
