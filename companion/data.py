@@ -252,6 +252,9 @@ class BiographyWorld:
     seed: int = 0
 
     def __post_init__(self):
+        for name in ("people", "biographies", "split", "stated", "canaries"):
+            if not isinstance(getattr(self, name), (tuple, list)):
+                raise TypeError(f"{name} must be a tuple, got {type(getattr(self, name)).__name__}")
         n = len(self.people)
         for name in ("biographies", "split", "stated"):
             if len(getattr(self, name)) != n:

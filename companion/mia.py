@@ -105,9 +105,10 @@ def _check_k(k) -> float:
     return check_float("k", k, 0, 1, open_minimum=True)
 
 
-def _check_stats(stats, name: str = "stats") -> list:
+def _check_stats(stats, name: str = "stats", moments: bool = False) -> list:
     """What :func:`companion.metrics.token_log_probs` returns: a non-empty list of dicts whose
-    ``"log_prob"`` is a non-empty, finite 1-D float tensor (one entry per predicted token)."""
+    ``"log_prob"`` is a non-empty, finite 1-D float tensor (one entry per predicted token), with
+    ``"mean"`` and ``"std"`` of the same length when ``moments``."""
     if not isinstance(stats, list) or not stats:
         raise TypeError(f"{name} must be a non-empty list of token_log_probs entries, got {type(stats).__name__}")
     for i, entry in enumerate(stats):
@@ -115,6 +116,14 @@ def _check_stats(stats, name: str = "stats") -> list:
             raise TypeError(f"{name}[{i}] must be a dict with a 'log_prob' tensor (from token_log_probs), "
                             f"got {type(entry).__name__}")
         check_tensor(f"{name}[{i}]['log_prob']", entry["log_prob"], ndim=1, kind="float", finite=True, nonempty=True)
+        if moments:
+            if "mean" not in entry or "std" not in entry:
+                raise ValueError(f"{name}: min_k_plus_plus_scores needs token statistics computed with moments=True")
+            for key in ("mean", "std"):
+                check_tensor(f"{name}[{i}]['{key}']", entry[key], ndim=1, kind="float", finite=True)
+                if entry[key].shape != entry["log_prob"].shape:
+                    raise ValueError(f"{name}[{i}]['{key}'] must match 'log_prob' in shape, "
+                                     f"got {tuple(entry[key].shape)} and {tuple(entry['log_prob'].shape)}")
     return stats
 
 
@@ -145,8 +154,7 @@ def min_k_plus_plus_scores(stats: list[dict[str, torch.Tensor]], k: float = 0.2)
     standard deviation of ``log p(z | prefix)`` under the model's own next-token distribution, then take
     the mean of the lowest ``k`` fraction. Needs ``token_log_probs(..., moments=True)``."""
     k = _check_k(k)
-    if any("mean" not in s for s in stats):
-        raise ValueError("min_k_plus_plus_scores needs token statistics computed with moments=True")
+    _check_stats(stats, moments=True)
     return torch.tensor([_lowest_fraction_mean((s["log_prob"] - s["mean"]) / s["std"].clamp_min(1e-6), k)
                          for s in stats])
 
@@ -234,6 +242,7 @@ def scaled_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     """LiRA's logit-scaled confidence (Carlini et al. 2022, Sec. IV-B):
     ``phi = log(p_y / (1 - p_y)) = z_y - logsumexp_{j != y} z_j``, computed stably from the logits
     (``[..., N, C]`` with labels ``[N]``), so it stays finite when ``p_y`` rounds to 1."""
+    check_tensor("logits", logits)
     logits = logits.float()
     index = _label_index(logits, labels)
     true = logits.gather(-1, index).squeeze(-1)
@@ -256,6 +265,16 @@ def adam_step(params: dict, grads: dict, state: dict, t: int, lr: float, beta1: 
               beta2: float = 0.999, eps: float = 1e-8) -> None:
     """One Adam step (Kingma & Ba 2015, Algorithm 1) on a dict of tensors, stacked over models or not;
     ``state`` keeps the moment estimates, ``t`` counts steps from 1. Updates ``params`` in place."""
+    for name, value in (("params", params), ("grads", grads), ("state", state)):
+        if not isinstance(value, dict):
+            raise TypeError(f"{name} must be a dict of tensors, got {type(value).__name__}")
+    if set(grads) != set(params):
+        raise ValueError(f"grads must have the keys of params, got {sorted(grads)} for {sorted(params)}")
+    t = check_int("t", t, minimum=1)
+    lr = check_positive_float("lr", lr)
+    check_float("beta1", beta1, 0, 1, open_maximum=True)
+    check_float("beta2", beta2, 0, 1, open_maximum=True)
+    check_positive_float("eps", eps)
     # Every update is in place: with K stacked models each parameter is K times larger, and fresh
     # tensors each step would cost an allocation (and page faults) per operation.
     for name, param in params.items():

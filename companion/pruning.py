@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from companion.checks import check_choice, check_float, check_int, check_positive_float, check_tensor, check_token_ids
+from companion.checks import (check_choice, check_float, check_int, check_module, check_positive_float, check_tensor,
+                              check_token_ids)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -66,11 +67,14 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 def block_layers(block: nn.Module) -> dict[str, nn.Module]:
     """The prunable layers inside one block, by qualified name."""
+    check_module("block", block)
     return {name: module for name, module in block.named_modules() if is_prunable(module)}
 
 
 def weight_matrix(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as ``[out_features, in_features]`` (a transposed view for ``Conv1D``)."""
+    if not isinstance(layer, nn.Module) or not is_prunable(layer):
+        raise TypeError(f"layer must be an nn.Linear or a GPT-2 Conv1D, got {type(layer).__name__}")
     return layer.weight.t() if _is_conv1d(layer) else layer.weight
 
 
@@ -410,6 +414,7 @@ def to_semi_structured(model: nn.Module) -> int:
     Needs a CUDA GPU of compute capability >= 8.0 and half-precision weights; raises ``RuntimeError``
     elsewhere (zeros alone bring no speed on a CPU).
     """
+    decoder_blocks(model)  # a clear error for something that is not a decoder model
     if not torch.cuda.is_available():
         raise RuntimeError("to_semi_structured needs a CUDA GPU (compute capability >= 8.0); none is visible. "
                            "On a CPU, 2:4 zeros save nothing: keep the dense (masked) model")

@@ -120,7 +120,7 @@ def load_tokenizer(path: str | Path):
         raise TypeError(f"path must be a str or pathlib.Path, got {type(path).__name__}")
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {path}")
+        raise FileNotFoundError(f"path {path} holds no tokenizer.json (save one with save_pretrained)")
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(str(path))

@@ -315,7 +315,11 @@ def guarded_chat_data(recipe: ChatRecipe | None = None):
     """The ``companion.chat_data.GuardedChatData`` a chat recipe trains on (and is evaluated with)."""
     from companion import chat_data
 
+    if recipe is not None and not isinstance(recipe, ChatRecipe):
+        raise TypeError(f"recipe must be None or a ChatRecipe, got {type(recipe).__name__}")
     recipe = recipe or RECIPES["guarded-chat"]
+    if not isinstance(RECIPES.get(recipe.base), LMRecipe):
+        raise ValueError(f"recipe.base must name a zoo language model, got {recipe.base!r}")
     base = RECIPES[recipe.base]
     return chat_data.make_guarded_chat_data(corpus(base.tokenizer.world_seed).world, seed=recipe.data_seed)
 
