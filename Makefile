@@ -67,3 +67,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf _build
+
+# The lowest versions pyproject.toml allows, in a throwaway venv: unit tests and chapter 00 (downloads GBs).
+compat:
+	bash tools/compat.sh

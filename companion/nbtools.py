@@ -115,7 +115,8 @@ class Rate(Approx):
 
         k, n = int(self.value), self.trials
         low, high = rate_interval(k, n)
-        return f"{k}/{n} ({k / n:.0%}, 95% CI {low:.0%}–{high:.0%})"
+        percent = ".1%" if n >= 100 else ".0%"  # no more digits than the count supports
+        return f"{k}/{n} ({k / n:{percent}}, 95% CI {low:{percent}}–{high:{percent}})"
 
 
 def rate(successes, trials, tol) -> Rate:

@@ -59,6 +59,7 @@ def test_glue_requires_a_declared_tolerance():
 
 
 def test_glue_writes_the_record(shown):
+    pytest.importorskip("myst_nb", reason="glue records are written in myst_nb's format only where it is installed")
     nbtools.glue("loss", np.float64(1.7123), tol=0.03, fmt=".2f")
     nbtools.glue("count", 12, tol=0)
     nbtools.glue("suffix", "abc", tol=nbtools.VARIES)
@@ -67,6 +68,17 @@ def test_glue_writes_the_record(shown):
     assert loss_meta["scrapbook"]["name"] == "loss" and loss_meta["companion"] == {"values": [1.7123], "tols": [0.03]}
     assert "companion" not in count_meta and count["application/papermill.record/text/plain"] == "12"
     assert suffix_meta["companion"] == {"values": [None], "tols": ["varies"]}
+
+
+def test_glue_without_myst_nb_only_displays(shown, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "myst_nb" else real_import(name, *a, **k))
+    nbtools.glue("hidden", 1.5, tol=0.1)
+    nbtools.glue("shown", 1.5, tol=0.1, fmt=".2f", display=True)
+    assert len(shown) == 1 and shown[0][0] == "1.50"
 
 
 @pytest.mark.parametrize("call, error, message", [
