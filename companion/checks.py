@@ -36,7 +36,9 @@ def check_float(name: str, value, minimum: float | None = None, maximum: float |
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {_describe(value)}")
     value = float(value)
-    if maximum is None and minimum is not None:
+    if maximum is None and minimum is None:
+        expected = not_finite = "a finite number"
+    elif maximum is None:
         expected = f"a finite number {'>' if open_minimum else '>='} {minimum}{' (or inf)' if allow_inf else ''}"
         not_finite = expected
     else:

@@ -354,7 +354,7 @@ def test_batched_generation_equals_one_by_one(tiny_lm):
 
 def test_perplexity_filter_rejects_a_nan_threshold(tiny_lm):
     model, tok = tiny_lm
-    with pytest.raises(ValueError, match="threshold must be finite"):
+    with pytest.raises(ValueError, match="threshold must be a finite number, got nan"):
         gcg.PerplexityFilter(model, tok, threshold=float("nan"))
 
 
