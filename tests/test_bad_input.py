@@ -26,7 +26,8 @@ SKIP = {"zoo.corpus", "zoo.tokenizer", "zoo.card", "zoo.load", "zoo.load_hub", "
 #: notebooks display: they trust their (already checked) caller.
 INNER_LOOP = {"dp.clip_and_sum", "gcg.sample_candidates"}
 #: Functions that may legitimately return inf (no noise means epsilon = inf).
-MAY_RETURN_INF = {"dp.epsilon_spent"}
+# epsilon_spent is inf without noise; roc_curve starts at the threshold +inf by definition.
+MAY_RETURN_INF = {"dp.epsilon_spent", "metrics.roc_curve"}
 
 
 def _public_callables():
@@ -79,7 +80,7 @@ def _alarm(*_):
 
 @pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="the time limit uses SIGALRM (POSIX)")
 @pytest.mark.parametrize("qualified, function", CALLABLES, ids=[q for q, _ in CALLABLES])
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_bad_arguments_give_a_clear_error_or_a_finite_result(qualified, function, data):
     parameters = [p for p in inspect.signature(function).parameters.values()
