@@ -277,13 +277,14 @@ class _PaddedApprox(Approx):
 # Glue
 # ---------------------------------------------------------------------------------------------
 
-def glue(name: str, value, *, tol, fmt: str | None = None, display: bool = False) -> None:
+def glue(name: str, value, *, tol=None, fmt: str | None = None, display: bool = False) -> None:
     """Make ``value`` available to the book's prose as ``{glue:text}`name```.
 
     Args:
         name: the glue key (letters, digits, ``_``).
         value: what to glue. With ``fmt`` the prose shows ``format(value, fmt)``.
-        tol: required, so that every glued value declares how it is checked. ``0``: deterministic,
+        tol: required (unless ``value`` is an :func:`approx`, :func:`rate` or :func:`varies`, which carry
+            their own), so that every glued value declares how it is checked. ``0``: deterministic,
             compared exactly (as text). A number > 0: training-dependent; a re-run must give a
             ``value`` within ``tol`` of the committed one (``value`` must then be a number, and the
             shown text is ``fmt``'s rendering of it). ``nbtools.VARIES``: a training-dependent result
@@ -302,13 +303,25 @@ def glue(name: str, value, *, tol, fmt: str | None = None, display: bool = False
     if not isinstance(display, bool):
         raise TypeError(f"display must be a bool, got {type(display).__name__}")
     record = None
-    if tol == VARIES and isinstance(tol, str):
+    if isinstance(value, (Approx, Varies)):
+        if tol is not None:
+            raise TypeError(f"tol must not be given for an {type(value).__name__} value, which carries its own "
+                            f"(got tol={tol!r})")
+        record = ({"values": [None], "tols": [VARIES]} if isinstance(value, Varies)
+                  else {"values": [value.value], "tols": [value.tol]})
+    elif tol is None:
+        raise TypeError("tol must be given: 0 for a deterministic value, the tolerance of a training-dependent "
+                        "one, or nbtools.VARIES (or glue an approx(...) / rate(...) / varies(...) value)")
+    elif tol == VARIES and isinstance(tol, str):
         record = {"values": [None], "tols": [VARIES]}
     else:
         tol = _check_tol(tol)
         if tol > 0:
             number = Approx(value, tol)  # validates that value is a finite number
             record = {"values": [number.value], "tols": [tol]}
+    if isinstance(value, (Approx, Varies)):
+        value = format(value, fmt or "")
+        fmt = None
     shown = format(value, fmt) if fmt is not None else value
     try:
         import myst_nb  # noqa: F401

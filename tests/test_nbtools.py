@@ -54,7 +54,7 @@ def test_table_pads_from_exact_parts_only(shown):
 
 
 def test_glue_requires_a_declared_tolerance():
-    with pytest.raises(TypeError, match="tol"):
+    with pytest.raises(TypeError, match="tol must be given"):
         nbtools.glue("x", 1.0)
 
 
@@ -68,6 +68,16 @@ def test_glue_writes_the_record(shown):
     assert loss_meta["scrapbook"]["name"] == "loss" and loss_meta["companion"] == {"values": [1.7123], "tols": [0.03]}
     assert "companion" not in count_meta and count["application/papermill.record/text/plain"] == "12"
     assert suffix_meta["companion"] == {"values": [None], "tols": ["varies"]}
+
+
+def test_glue_takes_a_rate_with_its_tolerance(shown):
+    pytest.importorskip("myst_nb")
+    nbtools.glue("asr", rate(5, 6, tol=2))
+    bundle, metadata = shown[0]
+    assert bundle == {"application/papermill.record/text/plain": "'5/6 (83%, 95% CI 44%–97%)'"}
+    assert metadata["companion"] == {"values": [5.0], "tols": [2.0]}
+    with pytest.raises(TypeError, match="tol must not be given"):
+        nbtools.glue("asr", rate(5, 6, tol=2), tol=1)
 
 
 def test_glue_without_myst_nb_only_displays(shown, monkeypatch):
