@@ -12,12 +12,14 @@ export ATEN_CPU_CAPABILITY := avx2
 export MKL_CBWR := AVX2
 export ONEDNN_MAX_CPU_ISA := AVX2
 
-.PHONY: help env zoo book test unit hygiene nbval book-html book-check execute bench compat clean
+.PHONY: help env zoo book test unit nbval book-html execute bench compat clean
 
 help:
 	@echo "make book      install the pinned environment in .venv and build the HTML book into _build/html"
-	@echo "make test      unit tests, notebook hygiene, strict nbval over every notebook, book build and check"
+	@echo "make test      unit tests, notebook hygiene, zoo models, strict nbval over every notebook, book build and check"
 	@echo "make execute   re-execute notebooks in place (NB=notebooks/00_tiny_models.ipynb for one)"
+	@echo "make zoo       train (or load) every zoo model, one timing line each"
+	@echo "make compat    unit tests and chapter 00 at the lowest versions pyproject.toml allows (downloads GBs)"
 	@echo "make bench     run benchmarks/ (not part of make test)"
 
 # pip's own notices (this machine's pip configuration, version checks) go to a log, not the screen.
