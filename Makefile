@@ -7,10 +7,11 @@ NB     ?= notebooks/*.ipynb
 # Same hash seed everywhere a notebook runs (execute step, nbval, tests).
 export PYTHONHASHSEED := 0
 export TQDM_DISABLE := 1
-# The CPU code paths of the reference machine (AVX2); companion sets the same defaults on import.
-export ATEN_CPU_CAPABILITY := avx2
-export MKL_CBWR := AVX2
-export ONEDNN_MAX_CPU_ISA := AVX2
+# The CPU code paths of the reference machine (AVX2) unless the caller sets others (e.g.
+# `ATEN_CPU_CAPABILITY=default make test` to check another float path); companion sets the same defaults.
+export ATEN_CPU_CAPABILITY ?= avx2
+export MKL_CBWR ?= AVX2
+export ONEDNN_MAX_CPU_ISA ?= AVX2
 
 .PHONY: help env zoo book test unit nbval book-html execute bench compat clean
 

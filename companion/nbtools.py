@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 METADATA_KEY = "companion"
 #: The ``tol`` of a training-dependent result that is not a number (compared only in presence).
 VARIES = "varies"
+#: The MIME prefix of a glue record that is not displayed (myst_nb's ``GLUE_PREFIX``).
+GLUE_PREFIX = "application/papermill.record/"
 #: What stands in the compared text where a tolerant value was shown.
 PLACEHOLDER = "\u27e8{}\u27e9"  # ⟨0⟩, ⟨1⟩, ...
 
@@ -95,20 +97,32 @@ class Varies:
         return f"varies({self.value!r})"
 
 
+def sampling_tolerance(trials: int) -> int:
+    """The default tolerance of a count of successes in ``trials``: the largest half-width of a 95%
+    binomial interval, ``ceil(1.96 * sqrt(trials / 4))`` successes.
+
+    Why: retraining on another CPU changes a model the way another training seed does, so a success
+    count over a handful of prompts moves like a fresh binomial draw. A reader gets the count with its
+    interval; the reproduction check accepts any count within that spread, and the chapter's claims
+    are guarded by their assertion cells, not by the count's last digit."""
+    return max(1, math.ceil(1.96 * math.sqrt(trials / 4)))
+
+
 class Rate(Approx):
     """``successes`` of ``trials``, shown as ``k/n (p%, 95% CI lo–hi%)`` (Wilson interval). The count is
-    the compared value: a re-run must reproduce it within ``tol`` successes."""
+    the compared value: a re-run must reproduce it within ``tol`` successes (default:
+    :func:`sampling_tolerance`)."""
 
     __slots__ = ("trials",)
 
-    def __init__(self, successes, trials, tol):
+    def __init__(self, successes, trials, tol=None):
         from companion.checks import check_int
 
         successes = check_int("successes", int(successes) if hasattr(successes, "item") else successes, minimum=0)
         self.trials = check_int("trials", trials, minimum=1)
         if successes > self.trials:
             raise ValueError(f"successes must be <= trials, got {successes} > {self.trials}")
-        super().__init__(successes, tol)
+        super().__init__(successes, sampling_tolerance(self.trials) if tol is None else tol)
 
     def __format__(self, spec: str) -> str:
         from companion.metrics import rate_interval
@@ -119,9 +133,10 @@ class Rate(Approx):
         return f"{k}/{n} ({k / n:{percent}}, 95% CI {low:{percent}}–{high:{percent}})"
 
 
-def rate(successes, trials, tol) -> Rate:
-    """A rate as a count with its 95% Wilson interval, for :func:`say`: ``say("ASR {}", rate(5, 6, tol=1))``
-    shows ``ASR 5/6 (83%, 95% CI 44–97%)``; ``tol`` is in successes."""
+def rate(successes, trials, tol=None) -> Rate:
+    """A rate as a count with its 95% Wilson interval, for :func:`say` and :func:`glue`:
+    ``say("ASR {}", rate(5, 6))`` shows ``ASR 5/6 (83%, 95% CI 44%–97%)``. ``tol`` is in successes;
+    by default the binomial sampling spread of ``trials`` (:func:`sampling_tolerance`)."""
     return Rate(successes, trials, tol)
 
 
@@ -147,11 +162,17 @@ class _Recorder(string.Formatter):
         self.values: list[float | None] = []
         self.tols: list[float | str] = []
 
+    def convert_field(self, value, conversion):
+        if conversion and isinstance(value, (Approx, Varies)):
+            raise ValueError(f"a tolerant value cannot take the !{conversion} conversion ({value!r}); "
+                             "format its value instead, e.g. varies(repr(x))")
+        return super().convert_field(value, conversion)
+
     def format_field(self, value, format_spec):
         if isinstance(value, Approx):
             self.values.append(value.value)
             self.tols.append(value.tol)
-            return PLACEHOLDER.format(len(self.values) - 1)
+            return _placeholder(len(self.values) - 1, value, format_spec)
         if isinstance(value, Varies):
             self.values.append(None)
             self.tols.append(VARIES)
@@ -159,10 +180,23 @@ class _Recorder(string.Formatter):
         return super().format_field(value, format_spec)
 
 
+def _placeholder(index: int, value: Approx, format_spec: str) -> str:
+    """The compared stand-in of a tolerant value: its position, its format spec, and what else about it
+    must not change (a rate's number of trials; whether an int is shown as an int)."""
+    if isinstance(value, Rate):
+        detail = f"rate/{value.trials}"
+    else:
+        detail = format_spec + ("|int" if isinstance(value.shown, numbers.Integral) else "")
+    return PLACEHOLDER.format(f"{index}:{detail}" if detail else index)
+
+
 def _render(template: str, args, kwargs) -> tuple[str, dict | None]:
-    text = template.format(*args, **kwargs)
     recorder = _Recorder()
     skeleton = recorder.format(template, *args, **kwargs)
+    text = template.format(*args, **kwargs)
+    if "approx(" in skeleton or "varies(" in skeleton:
+        raise ValueError("a tolerant value was shown inside a container or by repr, where it is not recorded; "
+                         f"pass each approx(...) / varies(...) as its own argument: {skeleton[:120]!r}")
     if not recorder.values:
         return text, None
     return text, {"skeleton": skeleton, "values": recorder.values, "tols": recorder.tols}
@@ -292,9 +326,8 @@ def glue(name: str, value, *, tol=None, fmt: str | None = None, display: bool = 
         fmt: a format spec such as ``".2f"``, ``".1%"`` or ``","``.
         display: also show the value in the cell's output.
 
-    Uses ``myst_nb``'s glue format when ``myst_nb`` is installed (the authoring environment and CI always
-    have it), so the committed notebook carries the record. Elsewhere (Colab) it only displays the
-    value, because there the prose shows the role's raw text and the reader needs the number.
+    Writes ``myst_nb``'s glue record (the book's ``{glue:text}`` reads it), with or without ``myst_nb``
+    installed. On Colab, where the prose shows the role's raw text, it also displays the value.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"name must be an identifier-like str (letters, digits, _), got {name!r}")
@@ -309,6 +342,8 @@ def glue(name: str, value, *, tol=None, fmt: str | None = None, display: bool = 
                             f"(got tol={tol!r})")
         record = ({"values": [None], "tols": [VARIES]} if isinstance(value, Varies)
                   else {"values": [value.value], "tols": [value.tol]})
+        if isinstance(value, Rate):
+            record["trials"] = value.trials
     elif tol is None:
         raise TypeError("tol must be given: 0 for a deterministic value, the tolerance of a training-dependent "
                         "one, or nbtools.VARIES (or glue an approx(...) / rate(...) / varies(...) value)")
@@ -319,28 +354,24 @@ def glue(name: str, value, *, tol=None, fmt: str | None = None, display: bool = 
         if tol > 0:
             number = Approx(value, tol)  # validates that value is a finite number
             record = {"values": [number.value], "tols": [tol]}
-    if isinstance(value, (Approx, Varies)):
-        value = format(value, fmt or "")
-        fmt = None
+    if record is not None:
+        record["fmt"] = fmt
     shown = format(value, fmt) if fmt is not None else value
-    try:
-        import myst_nb  # noqa: F401
-    except ImportError:
-        if display or on_colab():
-            from IPython.display import display as ipy_display
-
-            ipy_display(shown)
-        return
+    if isinstance(shown, (Approx, Varies)):
+        shown = format(shown, "")
+    # The record is myst_nb's glue format (a MIME bundle under a prefix, the name in the metadata); it needs
+    # no myst_nb, so a notebook glues the same outputs with or without the book's packages installed.
     from IPython.core.formatters import format_display_data
+    from IPython.display import display as ipy_display
 
     bundle, metadata = format_display_data(shown)
-    prefix = "" if display else "application/papermill.record/"
+    prefix = "" if display else GLUE_PREFIX
     metadata["scrapbook"] = {"name": name, "mime_prefix": prefix}
     if record:
         metadata[METADATA_KEY] = record
-    from IPython.display import display as ipy_display
-
     ipy_display({prefix + k: v for k, v in bundle.items()}, raw=True, metadata=metadata)
+    if on_colab() and not display:  # Colab shows the prose's raw role text: show the number in the output too
+        ipy_display(shown)
 
 
 def show_source(obj) -> object:

@@ -26,7 +26,8 @@ def test_say_records_the_tolerant_values_and_a_skeleton(shown):
     bundle, metadata = shown[0]
     assert bundle == {"text/plain": "member: loss 1.71, ppl 102, suffix x y z"}
     record = metadata["companion"]
-    assert record["skeleton"] == "member: loss \u27e80\u27e9, ppl \u27e81\u27e9, suffix \u27e82\u27e9"  # in order of appearance
+    # in order of appearance, each with its format spec (a change of format is a change of the text)
+    assert record["skeleton"] == "member: loss \u27e80:.2f\u27e9, ppl \u27e81:.0f\u27e9, suffix \u27e82\u27e9"
     assert record["values"][0] == pytest.approx(1.7123, abs=1e-6) and record["values"][2] is None
     assert record["values"][1] == pytest.approx(102.4, abs=1e-4) and record["tols"] == [0.03, 10.0, "varies"]
 
@@ -40,6 +41,11 @@ def test_approx_keeps_ints_ints_and_rate_shows_an_interval():
     assert f"{approx(3, 1)}" == "3" and f"{approx(3.0, 1)}" == "3.0"
     assert f"{rate(5, 6, tol=1)}" == "5/6 (83%, 95% CI 44%–97%)"
     assert f"{rate(np.int64(0), 20, tol=2)}" == "0/20 (0%, 95% CI 0%–16%)"
+
+
+def test_rate_tolerance_defaults_to_the_sampling_spread():
+    assert [nbtools.sampling_tolerance(n) for n in (1, 3, 6, 26, 100)] == [1, 2, 3, 5, 10]
+    assert rate(5, 6).tol == 3 and rate(5, 6, tol=0).tol == 0
 
 
 def test_table_pads_from_exact_parts_only(shown):
@@ -59,36 +65,50 @@ def test_glue_requires_a_declared_tolerance():
 
 
 def test_glue_writes_the_record(shown):
-    pytest.importorskip("myst_nb", reason="glue records are written in myst_nb's format only where it is installed")
     nbtools.glue("loss", np.float64(1.7123), tol=0.03, fmt=".2f")
     nbtools.glue("count", 12, tol=0)
     nbtools.glue("suffix", "abc", tol=nbtools.VARIES)
     (loss, loss_meta), (count, count_meta), (_, suffix_meta) = shown
     assert loss == {"application/papermill.record/text/plain": "'1.71'"}
-    assert loss_meta["scrapbook"]["name"] == "loss" and loss_meta["companion"] == {"values": [1.7123], "tols": [0.03]}
+    assert loss_meta["scrapbook"]["name"] == "loss"
+    assert loss_meta["companion"] == {"values": [1.7123], "tols": [0.03], "fmt": ".2f"}
     assert "companion" not in count_meta and count["application/papermill.record/text/plain"] == "12"
-    assert suffix_meta["companion"] == {"values": [None], "tols": ["varies"]}
+    assert suffix_meta["companion"] == {"values": [None], "tols": ["varies"], "fmt": None}
 
 
 def test_glue_takes_a_rate_with_its_tolerance(shown):
-    pytest.importorskip("myst_nb")
     nbtools.glue("asr", rate(5, 6, tol=2))
     bundle, metadata = shown[0]
     assert bundle == {"application/papermill.record/text/plain": "'5/6 (83%, 95% CI 44%–97%)'"}
-    assert metadata["companion"] == {"values": [5.0], "tols": [2.0]}
+    assert metadata["companion"] == {"values": [5.0], "tols": [2.0], "trials": 6, "fmt": None}
     with pytest.raises(TypeError, match="tol must not be given"):
         nbtools.glue("asr", rate(5, 6, tol=2), tol=1)
 
 
-def test_glue_without_myst_nb_only_displays(shown, monkeypatch):
+def test_glue_writes_the_same_record_without_myst_nb(shown, monkeypatch):
+    """A reader's `pip install companion` has no myst_nb: the outputs (and so nbval's verdict) are the same."""
     import builtins
 
+    nbtools.glue("x", 1.5, tol=0.1, fmt=".2f")
     real_import = builtins.__import__
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
-                        if name == "myst_nb" else real_import(name, *a, **k))
-    nbtools.glue("hidden", 1.5, tol=0.1)
-    nbtools.glue("shown", 1.5, tol=0.1, fmt=".2f", display=True)
-    assert len(shown) == 1 and shown[0][0] == "1.50"
+                        if name.startswith("myst_nb") else real_import(name, *a, **k))
+    nbtools.glue("x", 1.5, tol=0.1, fmt=".2f")
+    assert shown[0] == shown[1]
+
+
+def test_shown_values_cannot_escape_their_record():
+    with pytest.raises(ValueError, match="conversion"):
+        nbtools.say("{!r}", approx(0.5, 0.1))
+    with pytest.raises(ValueError, match="inside a container"):
+        nbtools.say("{}", [approx(0.5, 0.1)])
+
+
+def test_placeholders_keep_what_must_not_change():
+    from companion.nbtools import _render
+
+    assert _render("{:.2f} {} {}", (approx(0.5, 0.1), approx(3, 1), rate(5, 6)), {})[1]["skeleton"] == (
+        "\u27e80:.2f\u27e9 \u27e81:|int\u27e9 \u27e82:rate/6\u27e9")
 
 
 @pytest.mark.parametrize("call, error, message", [

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from execute_notebooks import execute  # noqa: E402
 from nbval_tolerance import compare_tolerant  # noqa: E402
 
-SETUP = "from companion.nbtools import approx, glue, say, table, varies\nimport torch"
+SETUP = "from companion.nbtools import approx, glue, rate, say, table, varies\nimport torch"
 RECIPE = """\
 lr, steps = 0.5, 40
 torch.manual_seed(0)
@@ -44,7 +44,13 @@ table({"model": {"loss": loss, "steps": steps, "tag": "w"}},
       {"loss": (".3f", 0.01), "steps": ("d", 0), "tag": ("", "varies")}, index="run")"""
 DETERMINISTIC = 'print("points:", len(x), "sum of x:", round(float(x.sum()), 6))'
 ASSERTION = 'assert loss < 1.0, f"the fit should explain most of the variance, loss {loss:.3f}"'
-CELLS = [SETUP, RECIPE, DETERMINISTIC, ASSERTION]
+FIT = "close = int(((w.detach() * x - y).abs() < 0.2).sum())\nrate_shown = rate(close, len(x))"
+SUMMARY = f"""{FIT}
+glue("n_points", len(x), tol=0)
+glue("n_steps", steps, tol=0)
+print("summary:")
+say("points fitted within 0.2: {{}}", rate_shown)"""
+CELLS = [SETUP, RECIPE, DETERMINISTIC, ASSERTION, SUMMARY]
 
 # name -> (cell index, old text, new text), or None for the unchanged notebook
 MUTATIONS = {
@@ -66,17 +72,30 @@ MUTATIONS = {
     "skeleton_change": (1, '"after {} steps: loss', '"after {} steps: MSE'),
     # an assertion band that no longer holds
     "band_broken": (3, "assert loss < 1.0", "assert loss < 1e-4"),
+    # a deterministic glue renamed, or two swapped, without re-executing
+    "exact_glue_rename": (4, 'glue("n_points"', 'glue("n_pts"'),
+    "exact_glue_swap": (4, 'glue("n_points", len(x), tol=0)\nglue("n_steps", steps, tol=0)',
+                        'glue("n_steps", len(x), tol=0)\nglue("n_points", steps, tol=0)'),
+    # the format of a tolerant value changed (in a result line, in a glue)
+    "format_change": (1, '"after {} steps: loss {:.3f}', '"after {} steps: loss {:.1f}'),
+    "glue_format_change": (1, 'tol=0.01, fmt=".3f")', 'tol=0.01, fmt=".1%")'),
+    # a print moved after the result line it introduced
+    "order_swap": (4, 'print("summary:")\nsay("points fitted within 0.2: {}", rate_shown)',
+                   'say("points fitted within 0.2: {}", rate_shown)\nprint("summary:")'),
+    # the same count out of a different number of trials
+    "rate_trials_change": (4, "rate(close, len(x))", "rate(close, 2 * len(x))"),
 }
 # which cells must fail (0-based code-cell index) for each mutation
 EXPECTED_FAILURES = {
-    "unchanged": set(), "float_noise": set(), "recipe_change": {1}, "deterministic_char": {2},
+    "unchanged": set(), "float_noise": set(), "recipe_change": {1, 4}, "deterministic_char": {2},
     "stale_tolerance": {1}, "stale_glue_name": {1}, "undeclared": {1}, "skeleton_change": {1}, "band_broken": {3},
+    "exact_glue_rename": {4}, "exact_glue_swap": {4}, "format_change": {1}, "glue_format_change": {1},
+    "order_swap": {4}, "rate_trials_change": {4},
 }
 
 
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory):
-    pytest.importorskip("myst_nb", reason="the glue records under test are myst_nb's (the book environment has it)")
     folder = tmp_path_factory.mktemp("nbval_mutations")
     reference = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
     path = folder / "reference.ipynb"
@@ -96,8 +115,10 @@ def verdicts(tmp_path_factory):
     path.unlink()
     report = folder / "report.xml"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # the same plugin and sanitize configuration as `make nbval`
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tools.nbval_tolerance",
-                    "--nbval", "--nbval-current-env", f"--junitxml={report}", "--rootdir", str(folder),
+                    "--nbval", "--nbval-current-env", "--nbval-sanitize-with", str(ROOT / "tests" / "nbval_sanitize.cfg"),
+                    f"--junitxml={report}", "--rootdir", str(folder),
                     *map(str, paths)], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     failed: dict[str, set[int]] = {name: set() for name in MUTATIONS}
     ran: dict[str, int] = {name: 0 for name in MUTATIONS}
