@@ -42,11 +42,11 @@ def on_colab() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def _check_tol(tol) -> float:
+    from companion.checks import check_float
+
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
         raise TypeError(f"tol must be a number >= 0 (or nbtools.VARIES), got {type(tol).__name__} ({tol!r})")
-    if not (math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    return float(tol)
+    return check_float("tol", tol, 0)
 
 
 def _check_number(value) -> float:
@@ -118,7 +118,7 @@ class Rate(Approx):
     def __init__(self, successes, trials, tol=None):
         from companion.checks import check_int
 
-        successes = check_int("successes", int(successes) if hasattr(successes, "item") else successes, minimum=0)
+        successes = check_int("successes", successes.item() if hasattr(successes, "item") else successes, minimum=0)
         self.trials = check_int("trials", trials, minimum=1)
         if successes > self.trials:
             raise ValueError(f"successes must be <= trials, got {successes} > {self.trials}")
