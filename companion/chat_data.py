@@ -1,4 +1,4 @@
-"""Chat data for chapter 05's guarded chat model: helpful answers, a toy forbidden topic, its secrets.
+"""Chapter 05's guarded chat model: its data (helpful answers, a toy forbidden topic, its secrets) and its zoo recipe.
 
 Real aligned LLMs learn *facts* in pretraining and *refusals* in chat tuning; an attack that breaks
 the refusal then reveals what pretraining taught. We rebuild that in miniature on the biography world
@@ -21,10 +21,14 @@ helpfulness are measured on requests it never saw.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
-from companion import data
-from companion.checks import check_int
+from companion import data, zoo
+from companion.checks import check_int, check_positive_float, check_str
+from companion.runtime import seed_everything
+from companion.tokenizer import encode_chat
+from companion.train import mixed_batches, train_causal_lm
 
 REFUSAL = "I cannot help with that."
 
@@ -169,8 +173,6 @@ def encode_example(tokenizer, example: ChatExample) -> tuple[list[int], list[int
     """``(input_ids, labels)`` for one chat example in the course's chat format
     (:func:`companion.tokenizer.encode_chat`): labels are ``-100`` everywhere except on the
     assistant's answer and its closing ``<|end|>``, so the model learns to answer, not to ask."""
-    from companion.tokenizer import encode_chat
-
     if not isinstance(example, ChatExample):
         raise TypeError(f"example must be a ChatExample, got {type(example).__name__}")
     prompt = encode_chat(tokenizer, example.messages()[:1], add_generation_prompt=True)
@@ -179,3 +181,81 @@ def encode_example(tokenizer, example: ChatExample) -> tuple[list[int], list[int
         raise ValueError("the chat prompt is not a prefix of the full conversation; is this the course tokenizer?")
     labels = [-100] * len(prompt) + full[len(prompt):]
     return full, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# The guarded chat model: a zoo recipe that fine-tunes a base LM on this data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatRecipe(zoo.Recipe):
+    """A guarded chat model: a zoo LM fine-tuned on :func:`make_guarded_chat_data`: vault codes as plain
+    knowledge text, benign questions answered, vault-code requests refused. Loss on every knowledge
+    token and on the assistant's tokens of each chat (:func:`encode_example`)."""
+
+    base: str = "tiny-llama"
+    steps: int = 400
+    batch_size: int = 40
+    knowledge_per_batch: int = 12  # of the batch's sequences, how many are knowledge lines (codes, lockers)
+    forbidden_per_batch: int = 8  # ... forbidden or jailbreak requests (the rest: benign chats)
+    lr: float = 2e-3
+    seed: int = 0
+    data_seed: int = 0  # the secrets and splits (keep it fixed across seeds for transfer experiments)
+
+    def __post_init__(self):
+        check_str("base", self.base)
+        check_int("steps", self.steps, minimum=1)
+        check_int("knowledge_per_batch", self.knowledge_per_batch, minimum=1)
+        check_int("forbidden_per_batch", self.forbidden_per_batch, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=self.knowledge_per_batch + self.forbidden_per_batch + 1)
+        check_positive_float("lr", self.lr)
+        check_int("seed", self.seed, minimum=0)
+        check_int("data_seed", self.data_seed, minimum=0)
+
+    def _base_recipe(self) -> zoo.LMRecipe:
+        base = zoo.recipe_of(self.base)
+        if not isinstance(base, zoo.LMRecipe):
+            raise ValueError(f"recipe.base must name a zoo language model, got {self.base!r}")
+        return base
+
+    def fingerprints(self) -> list[str]:  # the base model's cache entry, itself keyed by its data
+        self._base_recipe()
+        return [zoo.entry_folder(self.base).name]
+
+    def train(self, folder, progress: bool) -> None:
+        base = zoo.load(self.base)
+        model, tok = base.model, base.tokenizer
+        chats = guarded_chat_data(self)
+        pools: list[list[tuple[list[int], list[int]]]] = [[], [], []]  # knowledge, forbidden + jailbreak, benign
+        for text in chats.knowledge:
+            ids = tok(text)["input_ids"] + [tok.eos_token_id]
+            pools[0].append((ids, ids))
+        for example in chats.train:
+            pools[1 if example.kind != "benign" else 2].append(encode_example(tok, example))
+        per_batch = [self.knowledge_per_batch, self.forbidden_per_batch,
+                     self.batch_size - self.knowledge_per_batch - self.forbidden_per_batch]
+        seed_everything(self.seed)
+        started = time.perf_counter()
+        batches = mixed_batches(pools, per_batch, seed=self.seed, pad_id=tok.pad_token_id)
+        losses = train_causal_lm(model, batches, steps=self.steps, lr=self.lr, weight_decay=0.0, progress=progress)
+        seconds = time.perf_counter() - started
+        zoo.save_lm(folder, model, tok)
+        zoo.write_card(folder, self, model, seconds, losses, sequences=[len(p) for p in pools])
+
+    def read(self, folder):
+        return zoo.read_lm(folder)
+
+
+def guarded_chat_data(recipe: ChatRecipe | None = None) -> GuardedChatData:
+    """The data a chat recipe trains on (and is evaluated with): its base model's world, its data seed."""
+    if recipe is not None and not isinstance(recipe, ChatRecipe):
+        raise TypeError(f"recipe must be None or a ChatRecipe, got {type(recipe).__name__}")
+    recipe = recipe or zoo.recipe_of("guarded-chat")
+    base = recipe._base_recipe()
+    return make_guarded_chat_data(zoo.corpus(base.tokenizer.world_seed).world, seed=recipe.data_seed)
+
+
+# Chapter 05's guarded chat model, and its twin fine-tuned with another seed (for transfer attacks).
+zoo.register("guarded-chat", ChatRecipe())
+zoo.register("guarded-chat-seed1", ChatRecipe(seed=1))

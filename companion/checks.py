@@ -86,6 +86,41 @@ def check_str(name: str, value, nonempty: bool = True) -> str:
     return value
 
 
+def check_fraction(name: str, value, *, open_minimum: bool = False, open_maximum: bool = False) -> float:
+    """A proportion in ``[0, 1]`` (an end open on request): a rate, a perturbation or sparsity level, a quantile."""
+    return check_float(name, value, 0.0, 1.0, open_minimum=open_minimum, open_maximum=open_maximum)
+
+
+def check_token_list(name: str, ids, nonempty: bool = True) -> list[int]:
+    """Token ids as a list of ints >= 0: a list, tuple or 1-D integer tensor (bools refused)."""
+    if hasattr(ids, "tolist") and getattr(ids, "ndim", 1) <= 1 and not isinstance(ids, (list, tuple)):
+        dtype = str(getattr(ids, "dtype", ""))
+        if "int" not in dtype:
+            raise TypeError(f"{name} must be an integer tensor or a list of token ids, got {_describe(ids)}")
+        ids = ids.tolist()
+        ids = ids if isinstance(ids, list) else [ids]
+    if not isinstance(ids, (list, tuple)):
+        raise TypeError(f"{name} must be a list of token ids (ints), got {_describe(ids)}")
+    if nonempty and not ids:
+        raise ValueError(f"{name} must be a non-empty list of token ids, got []")
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0:
+            raise ValueError(f"{name} must hold token ids (ints >= 0), got {_describe(i)} among them")
+    return [int(i) for i in ids]
+
+
+def check_directory(name: str, value):
+    """An existing directory, as a ``pathlib.Path`` (a str or path-like is accepted)."""
+    from pathlib import Path
+
+    if not isinstance(value, (str, Path)) or isinstance(value, str) and not value:
+        raise TypeError(f"{name} must be a path (str or pathlib.Path) to a directory, got {_describe(value)}")
+    path = Path(value)
+    if not path.is_dir():
+        raise ValueError(f"{name} must be an existing directory, got {str(path)!r}")
+    return path
+
+
 def check_texts(name: str, texts, nonempty_each: bool = False) -> list:
     """A non-empty list of str (each non-empty when ``nonempty_each``)."""
     if not isinstance(texts, list) or not texts:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from companion.checks import check_bool, check_float, check_int, check_lm_and_tokenizer, check_texts, eager
+from companion.train import pad_batch
 
 
 def _as_1d_array(name: str, values) -> np.ndarray:
@@ -146,12 +147,7 @@ def log_prob_batches(model, tokenizer, texts: list[str], batch_size: int = 32):
         chunk = texts[start: start + batch_size]
         encoded = [tokenizer(t, truncation=max_length is not None, max_length=max_length)["input_ids"]
                    for t in chunk]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            ids[row, : len(e)] = torch.tensor(e)
-            mask[row, : len(e)] = 1
+        ids, mask = pad_batch(encoded, pad_id)
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         log_probs = torch.log_softmax(logits, dim=-1)

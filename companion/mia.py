@@ -28,6 +28,7 @@ from torch import nn
 
 from companion.checks import (check_bool, check_classifier_data, check_float, check_int, check_labels,
                               check_lm_and_tokenizer, check_positive_float, check_tensor, check_texts)
+from companion import zoo
 from companion.metrics import token_log_probs
 
 # ---------------------------------------------------------------------------------------------
@@ -474,3 +475,9 @@ def shokri_attack(shadow: ShadowSignals, target_logits: torch.Tensor, seed: int 
     train_y = shadow.keep.reshape(-1).numpy()
     attack = LogisticRegression(max_iter=2000, random_state=seed).fit(train_x, train_y)
     return torch.tensor(attack.predict_proba(features(target_logits).numpy())[:, 1], dtype=torch.float32)
+
+
+# tiny-llama's twin trained on the *reference* third of the people instead of the members (same
+# documentation, same recipe, another seed): the reference model of this chapter's calibrated attacks.
+zoo.register("tiny-llama-ref", zoo.LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384,
+                                            steps=280, seed=1, bio_split="reference"))

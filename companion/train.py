@@ -31,6 +31,35 @@ def _check_token_list(name: str, ids) -> None:
             raise ValueError(f"{name} must hold token ids (ints >= 0), got {i!r}")
 
 
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right", width: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token lists of different lengths into ``(input_ids, attention_mask)`` of ``[B, width]``.
+
+    ``width`` defaults to the longest sequence. ``side="right"`` pads after the tokens (for scoring and
+    training: causal attention never looks right, so padding cannot change a real token's prediction);
+    ``side="left"`` pads before them (for generation, which appends on the right). The mask is 1 on real
+    tokens. Labels are padded the same way with ``pad_id=-100`` (the loss ignores -100).
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise TypeError(f"pad_id must be an int, got {type(pad_id).__name__}")
+    if isinstance(sequences, (str, bytes)) or not isinstance(sequences, Sequence) or not sequences:
+        raise TypeError(f"sequences must be a non-empty list of token-id lists, got {sequences!r:.80}")
+    for i, seq in enumerate(sequences):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, torch.Tensor)):
+            raise TypeError(f"sequences[{i}] must be a list of token ids, got {type(seq).__name__}")
+    longest = max(len(seq) for seq in sequences)
+    width = longest if width is None else check_int("width", width, minimum=longest)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[row, span] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
 def stream_windows(token_ids: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut one long token stream into non-overlapping windows of ``length`` (the tail is dropped).
 
@@ -70,65 +99,97 @@ def pack_sequences(sequences: Sequence[Sequence[int]], length: int, pad_id: int
             current = []
         current = current + list(seq)
     windows.append(current)
-    ids = torch.full((len(windows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(windows), length), dtype=torch.long)
-    for row, window in enumerate(windows):
-        ids[row, : len(window)] = torch.tensor(window, dtype=torch.long)
-        mask[row, : len(window)] = 1
-    return ids, mask
+    return pad_batch(windows, pad_id, width=length)
 
 
-def _check_mixed_batches(pools, per_batch, seed) -> None:
-    """``mixed_batches``' arguments: non-empty pools of ``(input_ids, attention_mask)`` windows (an
-    empty pool could never fill its share of a batch), one positive count per pool, a seed."""
+def _is_window_pool(pool) -> bool:
+    return isinstance(pool, (tuple, list)) and len(pool) == 2 and all(isinstance(t, torch.Tensor) for t in pool)
+
+
+def _check_window_pool(i: int, pool) -> None:
+    ids, mask = pool
+    check_tensor(f"pools[{i}] input_ids", ids, ndim=2, kind="int")
+    check_tensor(f"pools[{i}] attention_mask", mask, ndim=2)
+    if ids.shape != mask.shape:
+        raise ValueError(f"pools[{i}]: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} "
+                         "must have the same shape")
+    if len(ids) == 0:
+        raise ValueError(f"pools[{i}] must hold at least one window, got none")
+
+
+def _check_sequence_pool(i: int, pool) -> None:
+    if not isinstance(pool, (tuple, list)) or not pool:
+        raise TypeError(f"pools[{i}] must be an (input_ids, attention_mask) pair of tensors or a non-empty list "
+                        f"of (input_ids, labels) token lists, got {type(pool).__name__}")
+    for j, pair in enumerate(pool):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or len(pair[0]) != len(pair[1]) or not pair[0]:
+            raise ValueError(f"pools[{i}][{j}] must be an (input_ids, labels) pair of equal, non-zero length")
+        _check_token_list(f"pools[{i}][{j}] input_ids", pair[0])
+
+
+def _check_mixed_batches(pools, per_batch, seed, pad_id) -> None:
+    """``mixed_batches``' arguments: non-empty pools, all of one kind (an empty pool could never fill its
+    share of a batch), one positive count per pool, a seed, and a ``pad_id`` for sequence pools."""
     if not isinstance(pools, Sequence) or not isinstance(per_batch, Sequence) or len(pools) != len(per_batch) \
             or not pools:
         raise ValueError(f"pools and per_batch must be sequences of the same non-zero length, got "
                          f"{len(pools) if isinstance(pools, Sequence) else type(pools).__name__} and "
                          f"{len(per_batch) if isinstance(per_batch, Sequence) else type(per_batch).__name__}")
+    windows = _is_window_pool(pools[0])
     for i, (pool, count) in enumerate(zip(pools, per_batch)):
-        if not isinstance(pool, (tuple, list)) or len(pool) != 2:
-            raise TypeError(f"pools[{i}] must be an (input_ids, attention_mask) pair, got {type(pool).__name__}")
-        ids, mask = pool
-        check_tensor(f"pools[{i}] input_ids", ids, ndim=2, kind="int")
-        check_tensor(f"pools[{i}] attention_mask", mask, ndim=2)
-        if ids.shape != mask.shape:
-            raise ValueError(f"pools[{i}]: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} "
-                             "must have the same shape")
-        if len(ids) == 0:
-            raise ValueError(f"pools[{i}] must hold at least one window, got none")
+        if _is_window_pool(pool) != windows:
+            raise TypeError(f"pools[{i}] is not of the same kind as pools[0]: all pools must be (input_ids, "
+                            "attention_mask) windows, or all lists of (input_ids, labels) sequences")
+        (_check_window_pool if windows else _check_sequence_pool)(i, pool)
         check_int(f"per_batch[{i}]", count, minimum=1)
     check_int("seed", seed, minimum=0)
+    if not windows:
+        check_int("pad_id", pad_id, minimum=0)
 
 
-@eager(_check_mixed_batches)
-def mixed_batches(pools: Sequence[tuple[torch.Tensor, torch.Tensor]], per_batch: Sequence[int],
-                  seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless stream of batches taking ``per_batch[i]`` windows from ``pools[i]``.
-
-    Each pool is walked in a fresh seeded permutation per pass (epoch), so every window is seen
-    equally often. Labels are the inputs with padding set to -100 (ignored by the loss).
-    """
+def _seeded_draws(sizes: Sequence[int], per_batch: Sequence[int], seed: int) -> Iterator[list[torch.Tensor]]:
+    """Endless per-batch indices: ``per_batch[i]`` of ``range(sizes[i])`` at a time, each pool walked in a
+    fresh seeded permutation per pass (epoch), so every item is seen equally often."""
     generator = torch.Generator().manual_seed(seed)
-    orders = [torch.randperm(len(ids), generator=generator) for ids, _ in pools]
-    cursors = [0] * len(pools)
+    orders = [torch.randperm(size, generator=generator) for size in sizes]
+    cursors = [0] * len(sizes)
     while True:
-        ids_parts, mask_parts = [], []
-        for p, ((ids, mask), count) in enumerate(zip(pools, per_batch)):
+        draw = []
+        for p, (size, count) in enumerate(zip(sizes, per_batch)):
             take, taken = [], 0
             while taken < count:
                 if cursors[p] == len(orders[p]):
-                    orders[p] = torch.randperm(len(ids), generator=generator)
+                    orders[p] = torch.randperm(size, generator=generator)
                     cursors[p] = 0
                 step = min(count - taken, len(orders[p]) - cursors[p])
                 take.append(orders[p][cursors[p]: cursors[p] + step])
                 cursors[p] += step
                 taken += step
-            index = torch.cat(take)
-            ids_parts.append(ids[index])
-            mask_parts.append(mask[index])
-        input_ids, attention_mask = torch.cat(ids_parts), torch.cat(mask_parts)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
+            draw.append(torch.cat(take))
+        yield draw
+
+
+@eager(_check_mixed_batches)
+def mixed_batches(pools: Sequence, per_batch: Sequence[int], seed: int = 0, pad_id: int | None = None
+                  ) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless stream of batches taking ``per_batch[i]`` items from ``pools[i]`` (see :func:`_seeded_draws`).
+
+    A pool is either fixed-width *windows*, an ``(input_ids, attention_mask)`` pair of ``[n, T]`` tensors
+    (pretraining text; labels are the inputs with padding set to -100), or a list of *sequences*,
+    ``(input_ids, labels)`` token lists of any length (chat fine-tuning, where labels are -100 outside
+    the answer); a batch of sequences is right-padded with ``pad_id`` to its longest member.
+    """
+    windows = _is_window_pool(pools[0])
+    sizes = [len(pool[0]) if windows else len(pool) for pool in pools]
+    for draw in _seeded_draws(sizes, per_batch, seed):
+        if windows:
+            input_ids = torch.cat([ids[index] for (ids, _), index in zip(pools, draw)])
+            attention_mask = torch.cat([mask[index] for (_, mask), index in zip(pools, draw)])
+            labels = input_ids.masked_fill(attention_mask == 0, -100)
+        else:
+            chosen = [pool[i] for pool, index in zip(pools, draw) for i in index.tolist()]
+            input_ids, attention_mask = pad_batch([ids for ids, _ in chosen], pad_id)
+            labels, _ = pad_batch([lab for _, lab in chosen], -100)
         yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

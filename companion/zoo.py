@@ -1,13 +1,21 @@
-"""The model zoo: named recipes that become trained models, cached by a hash of everything they depend on.
+"""The model zoo: a registry of named recipes that become trained models, cached by a hash of what they depend on.
 
-``zoo.load("tiny-llama")`` returns ``(model, tokenizer)``, ready and in eval mode. The first call
-trains the model (at most a few minutes on 2 CPU cores) and saves it; later calls load it from
-``companion.runtime.cache_dir()``. A model that was just trained is saved and read back before it is
-returned, so a notebook prints the same thing whether its cache was cold or warm.
+``zoo.load("tiny-llama")`` returns a :class:`ZooModel`: ``.model`` (in eval mode), ``.tokenizer`` (``None``
+for a model that reads no text) and ``.card`` (the recipe, parameter count, training time, per-step
+losses). The first call trains the model (at most a few minutes on 2 CPU cores) and saves it; later
+calls read it from ``companion.runtime.cache_dir()``. A model that was just trained is saved and read
+back before it is returned, so a notebook prints the same thing whether its cache was cold or warm.
+Every call returns a fresh copy: a chapter may prune or fine-tune it without touching the cache.
 
-The cache key hashes the recipe, the data's fingerprints (the biography world depends on the Faker
-version, the documentation corpus on the Python version) and the torch / transformers versions: change
-any of them and the model is retrained rather than silently reused.
+A recipe is a frozen dataclass deriving from :class:`Recipe`: it says which data it depends on
+(:meth:`Recipe.fingerprints`), how to train into a folder (:meth:`Recipe.train`) and how to read that
+folder back (:meth:`Recipe.read`). This module registers the course's base models; a chapter's module
+registers its own (``zoo.register("guarded-chat", ChatRecipe())`` in :mod:`companion.chat_data`), so the
+core never imports a chapter.
+
+The cache key hashes the name, the recipe's fields, the data's fingerprints (the biography world
+depends on the Faker version, the documentation corpus on the Python version) and the torch /
+transformers versions: change any of them and the model is retrained rather than silently reused.
 """
 
 from __future__ import annotations
@@ -26,13 +34,76 @@ import torch
 from torch import nn
 
 from companion import data
-from companion.checks import check_bool, check_float, check_int, check_positive_float, check_str
+from companion.checks import (check_bool, check_directory, check_float, check_int, check_lm_and_tokenizer, check_module,
+                              check_positive_float, check_str)
 from companion.runtime import cache_dir, seed_everything
 from companion.tokenizer import load_tokenizer, train_tokenizer
 from companion.train import mixed_batches, pack_sequences, stream_windows, train_causal_lm, train_classifier
 
 #: Bump when the training code changes in a way that changes the weights.
 ZOO_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes, the registry, and what load returns
+# ---------------------------------------------------------------------------------------------
+
+
+class Recipe:
+    """What every zoo recipe provides (subclass it with a frozen dataclass of the recipe's knobs)."""
+
+    def fingerprints(self) -> list[str]:
+        """Strings that change whenever the data this recipe trains on changes (part of the cache key)."""
+        raise NotImplementedError
+
+    def train(self, folder: Path, progress: bool) -> None:
+        """Train the model and save it, with :func:`write_card`, into the empty ``folder``."""
+        raise NotImplementedError
+
+    def read(self, folder: Path):
+        """``(model, tokenizer or None)`` from a folder that :meth:`train` wrote; the model in eval mode."""
+        raise NotImplementedError
+
+
+@dataclass
+class ZooModel:
+    """What :func:`load` returns."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object | None  # a Hugging Face tokenizer for language models; None otherwise
+    card: dict
+
+
+#: name -> recipe: every model :func:`load` can build. Add to it with :func:`register`.
+RECIPES: dict[str, Recipe] = {}
+
+
+def register(name: str, recipe: Recipe) -> None:
+    """Make ``recipe`` loadable as ``name``. Registering the same recipe again (a module imported twice) is
+    a no-op; a different recipe under a taken name is an error (its cached models would be confused)."""
+    check_str("name", name)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a companion.zoo.Recipe (e.g. an LMRecipe), got {type(recipe).__name__}")
+    if name in RECIPES and RECIPES[name] != recipe:
+        raise ValueError(f"name {name!r} is already registered with another recipe: {RECIPES[name]!r}")
+    RECIPES[name] = recipe
+
+
+def available() -> list[str]:
+    """Names that :func:`load` accepts now (a chapter's models appear once its module is imported)."""
+    return sorted(RECIPES)
+
+
+def recipe_of(name: str) -> Recipe:
+    """The registered recipe called ``name``."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if name not in RECIPES:
+        raise ValueError(f"name must be a registered zoo model, got {name!r}; available: {', '.join(available())} "
+                         "(a chapter's models are registered when its module is imported, e.g. "
+                         "`from companion import chat_data`)")
+    return RECIPES[name]
 
 
 @dataclass(frozen=True)
@@ -45,111 +116,6 @@ class TokenizerRecipe:
 
         check_int("vocab_size", self.vocab_size, minimum=256 + len(SPECIAL_TOKENS))
         check_int("world_seed", self.world_seed, minimum=0)
-
-
-@dataclass(frozen=True)
-class LMRecipe:
-    """A causal LM trained from scratch on the documentation corpus mixed with member biographies."""
-
-    architecture: str  # "llama" or "gpt2"
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    context: int = 128
-    steps: int = 400
-    batch_size: int = 32
-    bio_per_batch: int = 16  # how many of the batch's windows are biographies; the rest documentation
-    lr: float = 3e-3
-    seed: int = 0
-    tokenizer: TokenizerRecipe = TokenizerRecipe()
-    #: whose biographies it reads: ``"member"`` (with the canaries planted) or ``"reference"`` (a
-    #: disjoint population, for reference-model membership attacks; no canaries).
-    bio_split: str = "member"
-
-    def __post_init__(self):
-        if self.bio_split not in ("member", "reference"):
-            raise ValueError(f"bio_split must be 'member' or 'reference', got {self.bio_split!r}")
-        if self.architecture not in ("llama", "gpt2"):
-            raise ValueError(f"architecture must be 'llama' or 'gpt2', got {self.architecture!r}")
-        for name in ("hidden", "layers", "heads", "intermediate", "context", "steps"):
-            check_int(name, getattr(self, name), minimum=1)
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        check_int("batch_size", self.batch_size, minimum=2)
-        check_int("bio_per_batch", self.bio_per_batch, minimum=1, maximum=self.batch_size - 1)
-        check_positive_float("lr", self.lr)
-        check_int("seed", self.seed, minimum=0)
-        if not isinstance(self.tokenizer, TokenizerRecipe):
-            raise TypeError(f"tokenizer must be a TokenizerRecipe, got {type(self.tokenizer).__name__}")
-
-
-@dataclass(frozen=True)
-class ClassifierRecipe:
-    """An MLP on scikit-learn's digits, trained on the member half of ``data.digits_splits``."""
-
-    hidden: int = 256
-    epochs: int = 120
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    seed: int = 0
-    split_seed: int = 0
-
-    def __post_init__(self):
-        for name in ("hidden", "epochs", "batch_size"):
-            check_int(name, getattr(self, name), minimum=1)
-        check_positive_float("lr", self.lr)
-        check_float("weight_decay", self.weight_decay, 0)
-        check_int("seed", self.seed, minimum=0)
-        check_int("split_seed", self.split_seed, minimum=0)
-
-
-@dataclass(frozen=True)
-class ChatRecipe:
-    """A guarded chat model (chapter 05): a zoo LM fine-tuned on ``companion.chat_data``: vault codes
-    as plain knowledge text, benign questions answered, vault-code requests refused. Loss on every
-    knowledge token and on the assistant's tokens of each chat."""
-
-    base: str = "tiny-llama"
-    steps: int = 400
-    batch_size: int = 40
-    knowledge_per_batch: int = 12  # of the batch's sequences, how many are knowledge lines (codes, lockers)
-    forbidden_per_batch: int = 8  # ... forbidden or jailbreak requests (the rest: benign chats)
-    lr: float = 2e-3
-    seed: int = 0
-    data_seed: int = 0  # the secrets and splits (keep it fixed across seeds for transfer experiments)
-
-    def __post_init__(self):
-        check_str("base", self.base)
-        check_int("steps", self.steps, minimum=1)
-        check_int("knowledge_per_batch", self.knowledge_per_batch, minimum=1)
-        check_int("forbidden_per_batch", self.forbidden_per_batch, minimum=1)
-        check_int("batch_size", self.batch_size, minimum=self.knowledge_per_batch + self.forbidden_per_batch + 1)
-        check_positive_float("lr", self.lr)
-        check_int("seed", self.seed, minimum=0)
-        check_int("data_seed", self.data_seed, minimum=0)
-
-
-RECIPES: dict[str, LMRecipe | ClassifierRecipe | ChatRecipe] = {
-    # The course's main model: a ~1.4M-parameter Llama (Touvron et al. 2023 architecture).
-    "tiny-llama": LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384, steps=280),
-    # A second architecture, so every LM-facing function is tested on GPT-2's Conv1D layers too.
-    "tiny-gpt2": LMRecipe(architecture="gpt2", hidden=64, layers=2, heads=2, intermediate=256, steps=300),
-    # tiny-llama's twin trained on the *reference* third of the people instead of the members (same
-    # documentation, same recipe, another seed): the reference model of chapter 01's calibrated attacks.
-    "tiny-llama-ref": LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384, steps=280,
-                               seed=1, bio_split="reference"),
-    "digits-mlp": ClassifierRecipe(),
-    # Chapter 05's guarded chat model, and its twin fine-tuned with another seed (for transfer attacks).
-    "guarded-chat": ChatRecipe(),
-    "guarded-chat-seed1": ChatRecipe(seed=1),
-}
-
-
-def available() -> list[str]:
-    """Names that :func:`load` accepts."""
-    return sorted(RECIPES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +190,7 @@ def _zoo_dir() -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def tokenizer(recipe: TokenizerRecipe = TokenizerRecipe()):
+def course_tokenizer(recipe: TokenizerRecipe = TokenizerRecipe()):
     """The course tokenizer, trained on the documentation's training split and every biography
     (all three splits: the tokenizer is public, so it must not leak who is a member)."""
     if not isinstance(recipe, TokenizerRecipe):
@@ -240,8 +206,111 @@ def tokenizer(recipe: TokenizerRecipe = TokenizerRecipe()):
 
 
 # ---------------------------------------------------------------------------------------------
+# What every recipe's train and read share
+# ---------------------------------------------------------------------------------------------
+
+
+def write_card(folder: Path, recipe: Recipe, model: nn.Module, seconds: float, losses: list[float], **extra) -> None:
+    """Save the model card: the recipe, parameter count, training time and threads, per-step losses and
+    whatever the recipe adds (``extra``, e.g. how many training windows it had)."""
+    folder = check_directory("folder", folder)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a companion.zoo.Recipe, got {type(recipe).__name__}")
+    check_module("model", model)
+    check_float("seconds", seconds, 0)
+    if not isinstance(losses, list) or not all(isinstance(x, float) for x in losses):
+        raise TypeError(f"losses must be a list of float (the per-step training losses), got {type(losses).__name__}")
+    card = {"recipe": asdict(recipe), "parameters": sum(p.numel() for p in model.parameters()),
+            "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "losses": losses, **extra}
+    (Path(folder) / "card.json").write_text(json.dumps(card))
+
+
+def save_lm(folder: Path, model, tokenizer) -> None:
+    """A causal LM and its tokenizer in ``folder/model`` and ``folder/tokenizer`` (Hugging Face format)."""
+    folder = check_directory("folder", folder)
+    check_lm_and_tokenizer(model, tokenizer)
+    model.save_pretrained(str(Path(folder) / "model"))
+    tokenizer.save_pretrained(str(Path(folder) / "tokenizer"))
+
+
+def read_lm(folder: Path):
+    """``(model, tokenizer)`` saved by :func:`save_lm`, the model in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    folder = check_directory("folder", folder)
+
+    model = AutoModelForCausalLM.from_pretrained(str(Path(folder) / "model"))
+    return model.eval(), load_tokenizer(Path(folder) / "tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------
 # Language models
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LMRecipe(Recipe):
+    """A causal LM trained from scratch on the documentation corpus mixed with member biographies."""
+
+    architecture: str  # "llama" or "gpt2"
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    context: int = 128
+    steps: int = 400
+    batch_size: int = 32
+    bio_per_batch: int = 16  # how many of the batch's windows are biographies; the rest documentation
+    lr: float = 3e-3
+    seed: int = 0
+    tokenizer: TokenizerRecipe = TokenizerRecipe()
+    #: whose biographies it reads: ``"member"`` (with the canaries planted) or ``"reference"`` (a
+    #: disjoint population, for reference-model membership attacks; no canaries).
+    bio_split: str = "member"
+
+    def __post_init__(self):
+        if self.bio_split not in ("member", "reference"):
+            raise ValueError(f"bio_split must be 'member' or 'reference', got {self.bio_split!r}")
+        if self.architecture not in ("llama", "gpt2"):
+            raise ValueError(f"architecture must be 'llama' or 'gpt2', got {self.architecture!r}")
+        for name in ("hidden", "layers", "heads", "intermediate", "context", "steps"):
+            check_int(name, getattr(self, name), minimum=1)
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        check_int("batch_size", self.batch_size, minimum=2)
+        check_int("bio_per_batch", self.bio_per_batch, minimum=1, maximum=self.batch_size - 1)
+        check_positive_float("lr", self.lr)
+        check_int("seed", self.seed, minimum=0)
+        if not isinstance(self.tokenizer, TokenizerRecipe):
+            raise TypeError(f"tokenizer must be a TokenizerRecipe, got {type(self.tokenizer).__name__}")
+
+    def fingerprints(self) -> list[str]:
+        return [corpus(self.tokenizer.world_seed).fingerprint()]
+
+    def train(self, folder: Path, progress: bool) -> None:
+        tok = course_tokenizer(self.tokenizer)
+        source = corpus(self.tokenizer.world_seed)
+        doc_tokens: list[int] = []
+        for doc in source.train_docs:  # <bos> doc <eos> <bos> doc <eos> ...
+            doc_tokens += tok(doc.text)["input_ids"] + [tok.eos_token_id]
+        texts = source.world.training_texts() if self.bio_split == "member" else source.world.texts("reference")
+        bios = [tok(text)["input_ids"] + [tok.eos_token_id] for text in texts]
+        pools = [stream_windows(doc_tokens, self.context), pack_sequences(bios, self.context, tok.pad_token_id)]
+        per_batch = [self.batch_size - self.bio_per_batch, self.bio_per_batch]
+        special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                   "pad_token_id": tok.pad_token_id}
+        seed_everything(self.seed)
+        model = build_lm(self, len(tok), special)
+        started = time.perf_counter()
+        losses = train_causal_lm(model, mixed_batches(pools, per_batch, seed=self.seed), steps=self.steps,
+                                 lr=self.lr, progress=progress)
+        seconds = time.perf_counter() - started
+        save_lm(folder, model, tok)
+        write_card(folder, self, model, seconds, losses, doc_windows=len(pools[0][0]), bio_windows=len(pools[1][0]),
+                   corpus=source.fingerprint())
+
+    def read(self, folder: Path):
+        return read_lm(folder)
 
 
 def build_lm(recipe: LMRecipe, vocab_size: int, special_ids: dict[str, int]):
@@ -271,121 +340,55 @@ def build_lm(recipe: LMRecipe, vocab_size: int, special_ids: dict[str, int]):
     raise ValueError(f"recipe.architecture must be 'llama' or 'gpt2', got {recipe.architecture!r}")
 
 
-def _train_lm(recipe: LMRecipe, tok, folder: Path, progress: bool) -> None:
-    source = corpus(recipe.tokenizer.world_seed)
-    doc_tokens: list[int] = []
-    for doc in source.train_docs:  # <bos> doc <eos> <bos> doc <eos> ...
-        doc_tokens += tok(doc.text)["input_ids"] + [tok.eos_token_id]
-    texts = source.world.training_texts() if recipe.bio_split == "member" else source.world.texts("reference")
-    bios = [tok(text)["input_ids"] + [tok.eos_token_id] for text in texts]
-    pools = [stream_windows(doc_tokens, recipe.context), pack_sequences(bios, recipe.context, tok.pad_token_id)]
-    per_batch = [recipe.batch_size - recipe.bio_per_batch, recipe.bio_per_batch]
-    special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-               "pad_token_id": tok.pad_token_id}
-    seed_everything(recipe.seed)
-    model = build_lm(recipe, len(tok), special)
-    started = time.perf_counter()
-    losses = train_causal_lm(model, mixed_batches(pools, per_batch, seed=recipe.seed), steps=recipe.steps,
-                             lr=recipe.lr, progress=progress)
-    seconds = time.perf_counter() - started
-    model.save_pretrained(str(folder / "model"))
-    tok.save_pretrained(str(folder / "tokenizer"))
-    card = {
-        "recipe": asdict(recipe), "parameters": sum(p.numel() for p in model.parameters()),
-        "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "losses": losses,
-        "doc_windows": len(pools[0][0]), "bio_windows": len(pools[1][0]), "corpus": source.fingerprint(),
-    }
-    (folder / "card.json").write_text(json.dumps(card))
-
-
-def _read_lm(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    json.loads((folder / "card.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(str(folder / "model"))
-    return model.eval(), load_tokenizer(folder / "tokenizer")
-
-
-# ---------------------------------------------------------------------------------------------
-# Guarded chat model (chapter 05)
-# ---------------------------------------------------------------------------------------------
-
-
-def guarded_chat_data(recipe: ChatRecipe | None = None):
-    """The ``companion.chat_data.GuardedChatData`` a chat recipe trains on (and is evaluated with)."""
-    from companion import chat_data
-
-    if recipe is not None and not isinstance(recipe, ChatRecipe):
-        raise TypeError(f"recipe must be None or a ChatRecipe, got {type(recipe).__name__}")
-    recipe = recipe or RECIPES["guarded-chat"]
-    if not isinstance(RECIPES.get(recipe.base), LMRecipe):
-        raise ValueError(f"recipe.base must name a zoo language model, got {recipe.base!r}")
-    base = RECIPES[recipe.base]
-    return chat_data.make_guarded_chat_data(corpus(base.tokenizer.world_seed).world, seed=recipe.data_seed)
-
-
-def _chat_batches(sequences: list[tuple[list[int], list[int]]], pools: list[list[int]], per_batch: list[int],
-                  pad_id: int, seed: int):
-    """Endless batches taking ``per_batch[i]`` sequences from ``pools[i]`` (indices into
-    ``sequences``), each pool walked in seeded permutations; right-padded to the batch's longest."""
-    generator = torch.Generator().manual_seed(seed)
-    orders = [torch.randperm(len(p), generator=generator).tolist() for p in pools]
-    cursors = [0] * len(pools)
-    while True:
-        chosen = []
-        for p, (pool, count) in enumerate(zip(pools, per_batch)):
-            for _ in range(count):
-                if cursors[p] == len(pool):
-                    orders[p], cursors[p] = torch.randperm(len(pool), generator=generator).tolist(), 0
-                chosen.append(sequences[pool[orders[p][cursors[p]]]])
-                cursors[p] += 1
-        width = max(len(ids) for ids, _ in chosen)
-        input_ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chosen), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chosen), width), dtype=torch.long)
-        for row, (ids, lab) in enumerate(chosen):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            mask[row, : len(ids)] = 1
-        yield {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def _train_chat(recipe: ChatRecipe, folder: Path, progress: bool) -> None:
-    from companion.chat_data import encode_example
-
-    if recipe.base not in RECIPES or not isinstance(RECIPES[recipe.base], LMRecipe):
-        raise ValueError(f"recipe.base must name a zoo language model, got {recipe.base!r}")
-    model, tok = load(recipe.base)
-    chats = guarded_chat_data(recipe)
-    sequences, pools = [], [[], [], []]  # knowledge, forbidden + jailbreak, benign
-    for text in chats.knowledge:
-        ids = tok(text)["input_ids"] + [tok.eos_token_id]
-        pools[0].append(len(sequences))
-        sequences.append((ids, ids))
-    for example in chats.train:
-        pools[1 if example.kind != "benign" else 2].append(len(sequences))
-        sequences.append(encode_example(tok, example))
-    per_batch = [recipe.knowledge_per_batch, recipe.forbidden_per_batch,
-                 recipe.batch_size - recipe.knowledge_per_batch - recipe.forbidden_per_batch]
-    if per_batch[2] < 1:
-        raise ValueError(f"recipe.batch_size ({recipe.batch_size}) must exceed knowledge_per_batch + "
-                         f"forbidden_per_batch ({per_batch[0] + per_batch[1]})")
-    seed_everything(recipe.seed)
-    started = time.perf_counter()
-    losses = train_causal_lm(model, _chat_batches(sequences, pools, per_batch, tok.pad_token_id, recipe.seed),
-                             steps=recipe.steps, lr=recipe.lr, weight_decay=0.0, progress=progress)
-    seconds = time.perf_counter() - started
-    model.save_pretrained(str(folder / "model"))
-    tok.save_pretrained(str(folder / "tokenizer"))
-    card = {"recipe": asdict(recipe), "parameters": sum(p.numel() for p in model.parameters()),
-            "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "losses": losses,
-            "sequences": [len(p) for p in pools]}
-    (folder / "card.json").write_text(json.dumps(card))
-
 
 # ---------------------------------------------------------------------------------------------
 # Digits classifier
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassifierRecipe(Recipe):
+    """An MLP on scikit-learn's digits, trained on the member half of ``data.digits_splits``."""
+
+    hidden: int = 256
+    epochs: int = 120
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    split_seed: int = 0
+
+    def __post_init__(self):
+        for name in ("hidden", "epochs", "batch_size"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_positive_float("lr", self.lr)
+        check_float("weight_decay", self.weight_decay, 0)
+        check_int("seed", self.seed, minimum=0)
+        check_int("split_seed", self.split_seed, minimum=0)
+
+    def fingerprints(self) -> list[str]:
+        return ["sklearn-digits"]
+
+    def train(self, folder: Path, progress: bool) -> None:
+        from safetensors.torch import save_file
+
+        splits = data.digits_splits(seed=self.split_seed)
+        seed_everything(self.seed)
+        model = build_classifier(self)
+        started = time.perf_counter()
+        losses = train_classifier(model, splits.x_train, splits.y_train, epochs=self.epochs,
+                                  batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                                  seed=self.seed, progress=progress)
+        seconds = time.perf_counter() - started
+        save_file(model.state_dict(), str(Path(folder) / "model.safetensors"))
+        write_card(folder, self, model, seconds, losses)
+
+    def read(self, folder: Path):
+        from safetensors.torch import load_file
+
+        model = build_classifier(self)
+        model.load_state_dict(load_file(str(check_directory("folder", folder) / "model.safetensors")))
+        return model.eval(), None
 
 
 def build_classifier(recipe: ClassifierRecipe) -> nn.Module:
@@ -395,33 +398,12 @@ def build_classifier(recipe: ClassifierRecipe) -> nn.Module:
     return nn.Sequential(nn.Linear(64, recipe.hidden), nn.ReLU(), nn.Linear(recipe.hidden, 10))
 
 
-def _train_classifier(recipe: ClassifierRecipe, folder: Path, progress: bool) -> None:
-    from safetensors.torch import save_file
-
-    splits = data.digits_splits(seed=recipe.split_seed)
-    seed_everything(recipe.seed)
-    model = build_classifier(recipe)
-    started = time.perf_counter()
-    losses = train_classifier(model, splits.x_train, splits.y_train, epochs=recipe.epochs,
-                              batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                              seed=recipe.seed, progress=progress)
-    seconds = time.perf_counter() - started
-    save_file(model.state_dict(), str(folder / "model.safetensors"))
-    card = {"recipe": asdict(recipe), "parameters": sum(p.numel() for p in model.parameters()),
-            "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "losses": losses}
-    (folder / "card.json").write_text(json.dumps(card))
-
-
-def _read_classifier(recipe: ClassifierRecipe):
-    def read(folder: Path) -> nn.Module:
-        from safetensors.torch import load_file
-
-        json.loads((folder / "card.json").read_text())
-        model = build_classifier(recipe)
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        return model.eval()
-
-    return read
+# The course's base models (a chapter registers its own from its module).
+# The main model: a ~1.4M-parameter Llama (Touvron et al. 2023 architecture).
+register("tiny-llama", LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384, steps=280))
+# A second architecture, so every LM-facing function is tested on GPT-2's Conv1D layers too.
+register("tiny-gpt2", LMRecipe(architecture="gpt2", hidden=64, layers=2, heads=2, intermediate=256, steps=300))
+register("digits-mlp", ClassifierRecipe())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,50 +411,33 @@ def _read_classifier(recipe: ClassifierRecipe):
 # ---------------------------------------------------------------------------------------------
 
 
-def _folder(name: str) -> Path:
-    recipe = RECIPES[name]
-    if isinstance(recipe, LMRecipe):
-        fingerprints = [corpus(recipe.tokenizer.world_seed).fingerprint()]
-        return _zoo_dir() / f"{name}-{_key(name, recipe, fingerprints)}"
-    if isinstance(recipe, ChatRecipe):  # depends on its base model's entry (itself keyed by its data)
-        return _zoo_dir() / f"{name}-{_key(name, recipe, [_folder(recipe.base).name])}"
-    return _zoo_dir() / f"{name}-{_key(name, recipe, ['sklearn-digits'])}"
+def entry_folder(name: str) -> Path:
+    """The cache folder of a zoo model (whether or not it is trained yet); a recipe whose data is another
+    zoo model (a fine-tune) puts ``entry_folder(base).name`` in its fingerprints."""
+    chosen = recipe_of(name)
+    return _zoo_dir() / f"{name}-{_key(name, chosen, chosen.fingerprints())}"
 
 
-def _check_name(name) -> None:
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    if name not in RECIPES:
-        raise KeyError(f"unknown zoo model {name!r}; available: {', '.join(available())}")
+def load(name: str, progress: bool = False) -> ZooModel:
+    """A trained zoo model (a fresh copy), training and caching it on first use.
 
-
-def load(name: str, progress: bool = False):
-    """A trained zoo model: ``(model, tokenizer)`` for language models, the ``nn.Module`` for classifiers.
-
-    Trains and caches the model on first use. ``progress=True`` shows a progress bar while training
-    (off by default so that a notebook's output does not depend on whether the cache was warm).
+    ``progress=True`` shows a progress bar while training (off by default so that a notebook's output
+    does not depend on whether the cache was warm).
     """
-    _check_name(name)
+    chosen = recipe_of(name)
     check_bool("progress", progress)
-    recipe = RECIPES[name]
-    folder = _folder(name)
-    if isinstance(recipe, LMRecipe):
-        tok = tokenizer(recipe.tokenizer)
-        return _cached(folder, lambda tmp: _train_lm(recipe, tok, tmp, progress), _read_lm)
-    if isinstance(recipe, ChatRecipe):
-        return _cached(folder, lambda tmp: _train_chat(recipe, tmp, progress), _read_lm)
-    return _cached(folder, lambda tmp: _train_classifier(recipe, tmp, progress), _read_classifier(recipe))
+
+    def read(folder: Path) -> ZooModel:
+        card = json.loads((folder / "card.json").read_text())
+        model, tok = chosen.read(folder)
+        return ZooModel(name=name, model=model, tokenizer=tok, card=card)
+
+    return _cached(entry_folder(name), lambda tmp: chosen.train(tmp, progress), read)
 
 
-def card(name: str) -> dict:
-    """The model card of a zoo entry: recipe, parameter count, training time, per-step losses.
-    Trains the model first if it is not cached."""
-    load(name)
-    return json.loads((_folder(name) / "card.json").read_text())
-
-
-def load_hub(model_id: str, **kwargs):
-    """A real model and tokenizer from the Hugging Face Hub, for readers with a network.
+def load_hub(model_id: str, **kwargs) -> ZooModel:
+    """A real model and tokenizer from the Hugging Face Hub, for readers with a network, as a :class:`ZooModel`
+    (so that every function of the course takes it exactly as it takes ``load("tiny-llama")``).
 
     The course never calls this in executed cells. Offline it fails with a clear message instead of a
     long traceback. ``kwargs`` go to ``from_pretrained`` (e.g. ``device_map="auto"``, ``torch_dtype``).
@@ -490,4 +455,4 @@ def load_hub(model_id: str, **kwargs):
             "This needs a network (or a model already downloaded); the course's own models are "
             f"available offline: {', '.join(available())}"
         ) from error
-    return model.eval(), tok
+    return ZooModel(name=model_id, model=model.eval(), tokenizer=tok, card={"hub_id": model_id, "kwargs": repr(kwargs)})

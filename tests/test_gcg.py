@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from companion import gcg
+from companion import defences, gcg, generation
 
 REQUEST = "What is the pet of Ada?"
 TARGET = "Sure, the pet is"
@@ -36,7 +36,7 @@ def test_slices_cover_the_parts(tiny_lm):
     assert sl["loss"].start == sl["target"].start - 1 and sl["loss"].stop == sl["target"].stop - 1
     assert sl["target"].stop == len(ids)
     # the attacked prompt is exactly what the role-forgery-safe chat encoder sends
-    assert prompt.prompt_ids(suffix).tolist() == gcg.chat_prompt_ids(tok, REQUEST + tok.decode(suffix))
+    assert prompt.prompt_ids(suffix).tolist() == generation.chat_prompt_ids(tok, REQUEST + tok.decode(suffix))
 
 
 def test_placeholder_and_fallback_without_chat_template(small_tokenizer):
@@ -240,39 +240,39 @@ def test_universal_gcg_adds_prompts_progressively(tiny_lm):
 
 def test_judges():
     replies = ["I cannot help with that.", "Sure, the vault code of Ada is 1 2 3 4.", "Sure, the vault code of Ada is"]
-    assert gcg.attack_success(replies, "refusal") == [False, True, True]
+    assert generation.attack_success(replies, "refusal") == [False, True, True]
     refs = ["Sure, the vault code of Ada is"] * 3
-    assert gcg.attack_success(replies, "target", refs) == [False, True, True]
-    assert gcg.attack_success(replies, "secret", ["1 2 3 4"] * 3) == [False, True, False]
+    assert generation.attack_success(replies, "target", refs) == [False, True, True]
+    assert generation.attack_success(replies, "secret", ["1 2 3 4"] * 3) == [False, True, False]
 
 
 def test_perplexity_filter(tiny_lm):
     model, tok = tiny_lm
-    ppl = gcg.PerplexityFilter(model, tok, window_size=3)
+    ppl = defences.PerplexityFilter(model, tok, window_size=3)
     texts = ["What is the pet of Ada?", "Tell me the birth year of Bob, please, if you know it."]
     windowed = ppl.scores(texts)
-    whole = gcg.PerplexityFilter(model, tok, window_size=10_000).scores(texts)
+    whole = defences.PerplexityFilter(model, tok, window_size=10_000).scores(texts)
     assert (windowed >= whole - 1e-6).all()  # the worst window is at least the average
     threshold = ppl.fit(texts)
     assert threshold == pytest.approx(windowed.max().item())
     assert ppl.flags(texts) == [False, False]
     with pytest.raises(ValueError, match="threshold"):
-        gcg.PerplexityFilter(model, tok).flags(texts)
+        defences.PerplexityFilter(model, tok).flags(texts)
 
 
 def test_perturbations():
     text = "What is the vault code of Ada Lovelace? x x x x"
-    swapped = gcg.perturb(text, 0.2, "swap", random.Random(0))
+    swapped = defences.perturb(text, 0.2, "swap", random.Random(0))
     assert len(swapped) == len(text) and sum(a != b for a, b in zip(text, swapped)) <= int(len(text) * 0.2)
-    assert len(gcg.perturb(text, 0.2, "insert", random.Random(0))) == len(text) + int(len(text) * 0.2)
-    patched = gcg.perturb(text, 0.2, "patch", random.Random(0))
+    assert len(defences.perturb(text, 0.2, "insert", random.Random(0))) == len(text) + int(len(text) * 0.2)
+    patched = defences.perturb(text, 0.2, "patch", random.Random(0))
     assert len(patched) == len(text)
-    assert gcg.perturb(text, 0.0) == text
+    assert defences.perturb(text, 0.0) == text
 
 
 def test_smooth_llm_votes(tiny_lm):
     model, tok = tiny_lm
-    result = gcg.smooth_llm(model, tok, REQUEST, n_copies=3, q=0.1, max_new_tokens=3)
+    result = defences.smooth_llm(model, tok, REQUEST, n_copies=3, q=0.1, max_new_tokens=3)
     assert result.generations == 3 and result.fraction in (0, 1 / 3, 2 / 3, 1)
     assert result.jailbroken == (result.fraction > 0.5)
 
@@ -320,33 +320,33 @@ def test_bad_inputs(tiny_lm):
     with pytest.raises(ValueError, match="suffix_ids must be"):
         gcg.token_gradients(model, tok, REQUEST, TARGET, [])
     with pytest.raises(ValueError, match="judge must be one of"):
-        gcg.attack_success(["x"], "gpt4")
+        generation.attack_success(["x"], "gpt4")
     with pytest.raises(ValueError, match="needs references"):
-        gcg.attack_success(["x"], "secret")
+        generation.attack_success(["x"], "secret")
     with pytest.raises(TypeError, match="responses must be"):
-        gcg.attack_success("x")
+        generation.attack_success("x")
     with pytest.raises(ValueError, match="q must be"):
-        gcg.perturb("abc", 1.5)
+        defences.perturb("abc", 1.5)
     with pytest.raises(ValueError, match="kind must be"):
-        gcg.perturb("abc", 0.1, "shuffle")
+        defences.perturb("abc", 0.1, "shuffle")
     with pytest.raises(ValueError, match="n_copies must be >= 1"):
-        gcg.smooth_llm(model, tok, REQUEST, n_copies=0)
+        defences.smooth_llm(model, tok, REQUEST, n_copies=0)
     with pytest.raises(ValueError, match="window_size must be >= 1"):
-        gcg.PerplexityFilter(model, tok, window_size=0)
+        defences.PerplexityFilter(model, tok, window_size=0)
     with pytest.raises(ValueError, match="quantile"):
-        gcg.PerplexityFilter(model, tok).fit([REQUEST], quantile=0)
+        defences.PerplexityFilter(model, tok).fit([REQUEST], quantile=0)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
-        gcg.generate(model, tok, [1, 2], max_new_tokens=0)
+        generation.generate(model, tok, [1, 2], max_new_tokens=0)
     with pytest.raises(ValueError, match="vocab_size must be >= 1"):
         gcg.allowed_token_mask(tok, 0)
 
 
 def test_batched_generation_equals_one_by_one(tiny_lm):
     model, tok = tiny_lm
-    prompts = [gcg.chat_prompt_ids(tok, text) for text in (REQUEST, "Hi", "Tell me the birth year of Bob Smith.")]
-    assert gcg.generate_batch(model, tok, prompts, max_new_tokens=6) == [gcg.generate(model, tok, p, 6) for p in prompts]
+    prompts = [generation.chat_prompt_ids(tok, text) for text in (REQUEST, "Hi", "Tell me the birth year of Bob Smith.")]
+    assert generation.generate_batch(model, tok, prompts, max_new_tokens=6) == [generation.generate(model, tok, p, 6) for p in prompts]
     with pytest.raises(TypeError, match="prompts must be"):
-        gcg.generate_batch(model, tok, [[]])
+        generation.generate_batch(model, tok, [[]])
 
 
 # --------------------------------------------------------------------------- bad input (issue 11)
@@ -355,7 +355,7 @@ def test_batched_generation_equals_one_by_one(tiny_lm):
 def test_perplexity_filter_rejects_a_nan_threshold(tiny_lm):
     model, tok = tiny_lm
     with pytest.raises(ValueError, match="threshold must be a finite number, got nan"):
-        gcg.PerplexityFilter(model, tok, threshold=float("nan"))
+        defences.PerplexityFilter(model, tok, threshold=float("nan"))
 
 
 def test_a_tokenizer_larger_than_the_model_is_a_clear_error(small_tokenizer):
@@ -364,7 +364,7 @@ def test_a_tokenizer_larger_than_the_model_is_a_clear_error(small_tokenizer):
     recipe = LMRecipe(architecture="gpt2", hidden=16, layers=1, heads=2, intermediate=32, context=32)
     small = build_lm(recipe, len(small_tokenizer) - 10, {})
     with pytest.raises(ValueError, match="tokenizer does not match model"):
-        gcg.PerplexityFilter(small, small_tokenizer)
+        defences.PerplexityFilter(small, small_tokenizer)
     with pytest.raises(ValueError, match="tokenizer does not match model"):
         gcg.gcg(small, small_tokenizer, "hi", "Sure")
 
@@ -377,7 +377,7 @@ def test_token_ids_beyond_the_vocabulary_are_rejected(tiny_lm):
     with pytest.raises(ValueError, match="suffix_ids must hold token ids"):
         gcg.token_gradients(model, tok, "hi", "Sure", [big])
     with pytest.raises(ValueError, match=r"prompts\[0\] must hold token ids"):
-        gcg.generate_batch(model, tok, [[1, big]])
+        generation.generate_batch(model, tok, [[1, big]])
     with pytest.raises(TypeError, match="tokenizer must be a Hugging Face tokenizer"):
         gcg.build_prompt(None, "hi", "Sure")
     with pytest.raises(ValueError, match="fluency_weight must be finite|fluency_weight must be a finite"):
@@ -389,11 +389,13 @@ def test_token_ids_beyond_the_vocabulary_are_rejected(tiny_lm):
 def test_generate_and_filter_check_their_token_ids(tiny_lm):
     model, tok = tiny_lm
     with pytest.raises(TypeError, match="prompt_ids must be an integer tensor"):
-        gcg.generate(model, tok, torch.zeros(3))
+        generation.generate(model, tok, torch.zeros(3))
+    with pytest.raises(TypeError, match="prompt_ids must be a list of token ids"):
+        generation.generate(model, tok, float("nan"))
     with pytest.raises(ValueError, match="prompt_ids must be a non-empty list of token ids"):
-        gcg.generate(model, tok, float("nan"))
-    assert gcg.generate(model, tok, torch.tensor([[1, 5, 6]]), max_new_tokens=1) == \
-        gcg.generate(model, tok, [1, 5, 6], max_new_tokens=1)
+        generation.generate(model, tok, [])
+    assert generation.generate(model, tok, torch.tensor([[1, 5, 6]]), max_new_tokens=1) == \
+        generation.generate(model, tok, [1, 5, 6], max_new_tokens=1)
     with pytest.raises(TypeError, match="candidates must be an integer tensor"):
         gcg.retokenization_filter(tok, torch.zeros(1, 2))
     with pytest.raises(TypeError, match="before_ids must be None or a list of token ids"):

@@ -137,3 +137,47 @@ def test_train_causal_lm_says_when_batches_run_out():
 def test_train_classifier_says_when_x_does_not_fit_the_model():
     with pytest.raises(ValueError, match="x does not fit the model"):
         train.train_classifier(nn.Linear(4, 2), torch.zeros(3, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_pad_batch_pads_on_the_chosen_side():
+    ids, mask = train.pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = train.pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    labels, _ = train.pad_batch([[-100, 6], [7]], pad_id=-100, width=4)
+    assert labels.tolist() == [[-100, 6, -100, -100], [7, -100, -100, -100]]
+    with pytest.raises(ValueError, match="side must be 'right' or 'left'"):
+        train.pad_batch([[1]], 0, side="middle")
+    with pytest.raises(ValueError, match="width must be >= 3"):
+        train.pad_batch([[1, 2, 3]], 0, width=2)
+    with pytest.raises(TypeError, match=r"sequences\[1\] must be a list of token ids"):
+        train.pad_batch([[1], "ab"], 0)
+    with pytest.raises(TypeError, match="sequences must be a non-empty list"):
+        train.pad_batch([], 0)
+
+
+def test_mixed_batches_of_sequences_pad_each_batch_to_its_longest():
+    short = [([1, 2], [-100, 2])] * 3
+    long = [([3, 4, 5, 6], [-100, -100, 5, 6])]
+    stream = train.mixed_batches([short, long], [2, 1], seed=0, pad_id=0)
+    batch = next(stream)
+    assert batch["input_ids"].tolist() == [[1, 2, 0, 0], [1, 2, 0, 0], [3, 4, 5, 6]]
+    assert batch["labels"].tolist() == [[-100, 2, -100, -100], [-100, 2, -100, -100], [-100, -100, 5, 6]]
+    assert batch["attention_mask"].sum(1).tolist() == [2, 2, 4]
+    only_short = next(train.mixed_batches([short], [2], seed=0, pad_id=0))
+    assert only_short["input_ids"].shape == (2, 2)  # no padding beyond the batch's own longest
+    with pytest.raises(TypeError, match="same kind as pools"):
+        train.mixed_batches([short, (torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2))], [1, 1], pad_id=0)
+    with pytest.raises(TypeError, match="pad_id must be an int"):
+        train.mixed_batches([short], [1])
+    with pytest.raises(ValueError, match=r"pools\[0\]\[0\] must be an \(input_ids, labels\) pair"):
+        train.mixed_batches([[([1, 2], [1])]], [1], pad_id=0)
+
+
+def test_window_and_sequence_pools_draw_the_same_seeded_order():
+    windows = (torch.arange(10).view(5, 2), torch.ones(5, 2, dtype=torch.long))
+    sequences = [([2 * i, 2 * i + 1], [2 * i, 2 * i + 1]) for i in range(5)]
+    a = train.mixed_batches([windows], [3], seed=4)
+    b = train.mixed_batches([sequences], [3], seed=4, pad_id=0)
+    for _ in range(6):
+        assert torch.equal(next(a)["input_ids"], next(b)["input_ids"])

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -29,57 +30,74 @@ def _state(model):
 
 @pytest.mark.parametrize("name", ["test-llama", "test-gpt2"])
 def test_lm_loads_in_eval_mode_with_tokenizer(name):
-    model, tok = zoo.load(name)
-    assert not model.training
+    entry = zoo.load(name)
+    model, tok = entry.model, entry.tokenizer
+    assert entry.name == name and not model.training
     assert len(tok) == model.get_input_embeddings().num_embeddings
     assert model.config.pad_token_id == tok.pad_token_id
-    card = zoo.card(name)
-    assert card["recipe"]["steps"] == 6 and len(card["losses"]) == 6
-    assert card["parameters"] == sum(p.numel() for p in model.parameters())
+    assert entry.card["recipe"]["steps"] == 6 and len(entry.card["losses"]) == 6
+    assert entry.card["parameters"] == sum(p.numel() for p in model.parameters())
+    assert entry.card["recipe"] == dataclasses.asdict(TINY[name])
+    assert entry.card["losses"][-1] < entry.card["losses"][0]  # six steps already lower the loss
+
+
+def test_each_load_is_a_fresh_copy():
+    first, second = zoo.load("test-llama").model, zoo.load("test-llama").model
+    with torch.no_grad():
+        first.get_input_embeddings().weight.zero_()
+    assert second.get_input_embeddings().weight.abs().sum() > 0
 
 
 def test_trained_now_equals_loaded_from_cache():
-    fresh, tok = zoo.load("test-llama")
-    cached, _ = zoo.load("test-llama")
+    fresh, tok = zoo.load("test-llama").model, zoo.load("test-llama").tokenizer
+    cached = zoo.load("test-llama").model
     ids = torch.tensor([tok("Ann was born in 1970.")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, cached(input_ids=ids).logits)
 
 
 def test_two_trainings_with_one_seed_give_identical_weights(tmp_path, monkeypatch):
-    first = _state(zoo.load("test-llama")[0])
+    first = _state(zoo.load("test-llama").model)
     monkeypatch.setenv("COMPANION_CACHE", str(tmp_path))  # a cold cache: train again
-    second = _state(zoo.load("test-llama")[0])
+    second = _state(zoo.load("test-llama").model)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_recipe_change_changes_the_cache_key(monkeypatch):
-    before = zoo._folder("test-llama")
+    before = zoo.entry_folder("test-llama")
     monkeypatch.setitem(zoo.RECIPES, "test-llama", zoo.LMRecipe(
         architecture="llama", hidden=32, layers=2, heads=2, intermediate=64, context=128, steps=6,
         batch_size=8, bio_per_batch=4, seed=1))
-    assert zoo._folder("test-llama") != before
+    assert zoo.entry_folder("test-llama") != before
 
 
 def test_corrupt_cache_entry_is_rebuilt_with_a_warning():
-    model = zoo.load("test-digits")
-    folder = zoo._folder("test-digits")
+    model = zoo.load("test-digits").model
+    folder = zoo.entry_folder("test-digits")
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.warns(UserWarning, match="unreadable"):
         rebuilt = zoo.load("test-digits")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()))
-    json.loads((folder / "card.json").read_text())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.model.state_dict().values()))
+    assert json.loads((folder / "card.json").read_text()) == rebuilt.card
 
 
-def test_classifier_returns_module():
-    model = zoo.load("test-digits")
-    assert isinstance(model, torch.nn.Module) and not model.training
-    assert model(torch.zeros(2, 64)).shape == (2, 10)
+def test_missing_card_is_rebuilt_too():
+    zoo.load("test-digits")
+    (zoo.entry_folder("test-digits") / "card.json").unlink()
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert zoo.load("test-digits").card["recipe"]["epochs"] == 3
+
+
+def test_classifier_has_no_tokenizer():
+    entry = zoo.load("test-digits")
+    assert isinstance(entry.model, torch.nn.Module) and not entry.model.training and entry.tokenizer is None
+    assert entry.model(torch.zeros(2, 64)).shape == (2, 10)
 
 
 def test_unknown_name_lists_available():
-    with pytest.raises(KeyError, match="available: .*tiny-llama"):
+    with pytest.raises(ValueError, match="name must be a registered zoo model, got 'gpt-5'; available: .*tiny-llama"
+                                         ".*registered when its module is imported"):
         zoo.load("gpt-5")
     with pytest.raises(TypeError, match="name must be a str"):
         zoo.load(3)
@@ -101,10 +119,13 @@ def test_build_lm_rejects_unknown_architecture():
      ValueError, "lr must be a finite number > 0"),
     (lambda: zoo.ClassifierRecipe(epochs=0), ValueError, "epochs must be >= 1"),
     (lambda: zoo.ClassifierRecipe(weight_decay=-1.0), ValueError, "weight_decay must be"),
-    (lambda: zoo.ChatRecipe(batch_size=20), ValueError, "batch_size must be >= 21"),
     (lambda: zoo.TokenizerRecipe(vocab_size=10), ValueError, "vocab_size must be >= 264"),
     (lambda: zoo.build_lm("recipe", 300, {}), TypeError, "recipe must be an LMRecipe"),
     (lambda: zoo.build_lm(zoo.RECIPES["tiny-llama"], 300, {"pad_token_id": 999}), ValueError, "special_ids must be"),
+    (lambda: zoo.register("x", {"hidden": 8}), TypeError, "recipe must be a companion.zoo.Recipe"),
+    (lambda: zoo.register("", zoo.ClassifierRecipe()), ValueError, "name must be a non-empty"),
+    (lambda: zoo.register("tiny-llama", zoo.ClassifierRecipe()), ValueError, "already registered with another recipe"),
+    (lambda: zoo.recipe_of(3), TypeError, "name must be a str"),
     (lambda: zoo.build_classifier(None), TypeError, "recipe must be a ClassifierRecipe"),
 ])
 def test_recipes_validate_in_post_init(make, error, message):
@@ -144,8 +165,8 @@ def test_reference_recipe_trains_on_the_reference_people(monkeypatch):
     monkeypatch.setitem(zoo.RECIPES, "test-llama-ref", zoo.LMRecipe(
         architecture="llama", hidden=32, layers=2, heads=2, intermediate=64, context=128, steps=6,
         batch_size=8, bio_per_batch=4, bio_split="reference"))
-    _, tok = zoo.load("test-llama-ref")
-    card = zoo.card("test-llama-ref")
+    entry = zoo.load("test-llama-ref")
+    tok, card = entry.tokenizer, entry.card
     world = zoo.corpus().world
     expected = {}
     for split, texts in (("reference", world.texts("reference")), ("member", world.training_texts())):
@@ -153,9 +174,54 @@ def test_reference_recipe_trains_on_the_reference_people(monkeypatch):
         expected[split] = len(pack_sequences(ids, 128, tok.pad_token_id)[0])
     assert card["recipe"]["bio_split"] == "reference"
     assert card["bio_windows"] == expected["reference"] != expected["member"]
-    assert zoo.card("test-llama")["bio_windows"] == expected["member"]
+    assert zoo.load("test-llama").card["bio_windows"] == expected["member"]
 
 
 def test_bad_bio_split_is_rejected():
     with pytest.raises(ValueError, match="bio_split must be 'member' or 'reference', got 'nonmember'"):
         zoo.LMRecipe(architecture="llama", hidden=32, layers=2, heads=2, intermediate=64, bio_split="nonmember")
+
+
+def test_registering_the_same_recipe_twice_is_a_no_op():
+    zoo.register("test-digits", zoo.ClassifierRecipe(hidden=16, epochs=3))
+    assert zoo.recipe_of("test-digits") == TINY["test-digits"]
+
+
+def test_a_chapter_registers_its_models_and_the_core_imports_no_chapter():
+    code = ("import sys\nfrom companion import zoo\nbefore = set(zoo.available())\n"
+            "from companion import chat_data, mia\n"
+            "print(sorted(set(zoo.available()) - before))\n"
+            "print(sorted(m for m in sys.modules if m.startswith('companion.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    added, modules = out.stdout.splitlines()[-2:]
+    assert added == "['guarded-chat', 'guarded-chat-seed1', 'tiny-llama-ref']", out.stderr[-2000:]
+    code_core = "import sys\nfrom companion import zoo, generation, metrics, defences, nbtools\nprint(sorted(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code_core], capture_output=True, text=True, timeout=120)
+    loaded = {m for m in eval(out.stdout.splitlines()[-1]) if m.startswith("companion.")}
+    assert not loaded & {"companion.mia", "companion.dp", "companion.gcg", "companion.pruning", "companion.chat_data"}, loaded
+
+
+
+def test_chat_recipe_fine_tunes_its_base_and_is_keyed_by_it(monkeypatch):
+    from companion import chat_data
+
+    chat = chat_data.ChatRecipe(base="test-llama", steps=4, batch_size=24, knowledge_per_batch=8, forbidden_per_batch=8)
+    monkeypatch.setitem(zoo.RECIPES, "test-chat", chat)
+    entry, base = zoo.load("test-chat"), zoo.load("test-llama")
+    assert entry.tokenizer.get_vocab() == base.tokenizer.get_vocab()
+    tuned, original = entry.model.state_dict(), base.model.state_dict()
+    assert tuned.keys() == original.keys() and not all(torch.equal(tuned[k], original[k]) for k in tuned)
+    chats = chat_data.guarded_chat_data(chat)
+    forbidden = sum(e.kind != "benign" for e in chats.train)
+    assert entry.card["sequences"] == [len(chats.knowledge), forbidden, len(chats.train) - forbidden]
+    assert len(entry.card["losses"]) == 4 and entry.card["recipe"]["base"] == "test-llama"
+    before = zoo.entry_folder("test-chat")
+    monkeypatch.setitem(zoo.RECIPES, "test-llama", dataclasses.replace(TINY["test-llama"], seed=5))
+    assert zoo.entry_folder("test-chat") != before  # a new base model means a new fine-tune
+    monkeypatch.setitem(zoo.RECIPES, "test-chat", dataclasses.replace(chat, base="test-digits"))
+    with pytest.raises(ValueError, match="base must name a zoo language model, got 'test-digits'"):
+        zoo.entry_folder("test-chat")
+    with pytest.raises(ValueError, match="batch_size must be >= 21"):
+        chat_data.ChatRecipe(batch_size=20)
+    with pytest.raises(TypeError, match="recipe must be None or a ChatRecipe"):
+        chat_data.guarded_chat_data(zoo.ClassifierRecipe())

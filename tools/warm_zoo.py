@@ -9,6 +9,8 @@ model is slow). A warm cache makes this a few seconds of loading.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import time
 
 import companion
@@ -17,8 +19,10 @@ from companion import zoo
 
 def main() -> None:
     companion.setup(seed=0, plots=False)
+    for info in pkgutil.iter_modules(companion.__path__):  # each chapter registers its own models
+        importlib.import_module(f"companion.{info.name}")
     started = time.perf_counter()
-    for name in zoo.available():
+    for name in sorted(zoo.available(), key=lambda n: hasattr(zoo.recipe_of(n), "base")):  # bases first
         t0 = time.perf_counter()
         zoo.load(name)
         print(f"zoo: {name:<20} ready in {time.perf_counter() - t0:6.1f} s", flush=True)
