@@ -244,7 +244,9 @@ class ChatRecipe(zoo.Recipe):
         zoo.write_card(folder, self, model, seconds, losses, sequences=[len(p) for p in pools])
 
     def read(self, folder):
-        return zoo.read_lm(folder)
+        model, tok = zoo.read_lm(folder)
+        model.config.trained_context = self._base_recipe().context
+        return model, tok
 
 
 def guarded_chat_data(recipe: ChatRecipe | None = None) -> GuardedChatData:

@@ -110,13 +110,39 @@ def attack_success_rate(successes) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _max_positions(model) -> int | None:
+def trained_context(model) -> int | None:
+    """How many tokens ``model`` was trained to read at once: ``config.trained_context`` (set by the zoo,
+    whose models train on 128-token windows although their position tables are longer), else the
+    config's ``max_position_embeddings`` / ``n_positions`` (a Hugging Face model's own context)."""
     config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
+    for key in ("trained_context", "max_position_embeddings", "n_positions"):
         value = getattr(config, key, None)
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
             return value
     return None
+
+
+def score_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """Cut a text of ``n_tokens`` into ``(start, end, skip)`` windows that score every token once, each
+    from within the trained ``context`` (the sliding-window evaluation of the Hugging Face perplexity
+    guide; Press et al. 2021 call it "sliding window" inference).
+
+    A window reads tokens ``[start, end)`` (at most ``context``) and predicts tokens ``start+1 .. end-1``;
+    its first ``skip`` predictions were already scored by the previous window and are masked. Windows
+    start every ``stride`` tokens, so every token after the first window is predicted from at least
+    ``context - stride`` tokens of context. A text that fits is one window, ``(0, n_tokens, 0)``.
+    """
+    n_tokens = check_int("n_tokens", n_tokens, minimum=1)
+    context = check_int("context", context, minimum=2)
+    stride = check_int("stride", stride, minimum=1, maximum=context - 1)
+    windows, start, scored_until = [], 0, 0  # tokens [1, scored_until) are scored
+    while True:
+        end = min(start + context, n_tokens)
+        windows.append((start, end, max(0, scored_until - start - 1)))
+        scored_until = end
+        if end == n_tokens:
+            return windows
+        start += stride
 
 
 def _check_texts(texts, batch_size) -> None:
@@ -124,53 +150,72 @@ def _check_texts(texts, batch_size) -> None:
     check_int("batch_size", batch_size, minimum=1)
 
 
-def _check_lm_call(model, tokenizer, texts, batch_size) -> None:
+def _check_lm_call(model, tokenizer, texts, batch_size, stride=None) -> None:
     """The arguments of every LM loss: a causal LM, a tokenizer that fits it (and can pad), texts."""
     check_lm_and_tokenizer(model, tokenizer)
     _check_texts(texts, batch_size)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError("tokenizer must define a pad_token or an eos_token for batching")
+    context = trained_context(model)
+    if stride is not None:
+        check_int("stride", stride, minimum=1, maximum=(context - 1) if context else None)
 
 
 @eager(_check_lm_call)
-def log_prob_batches(model, tokenizer, texts: list[str], batch_size: int = 32):
-    """Yield, per batch of texts, the full next-token log-probabilities ``[B, T-1, V]``, the
-    log-probability of each actual next token ``[B, T-1]`` and the mask of real (non-padding) targets.
+def log_prob_batches(model, tokenizer, texts: list[str], batch_size: int = 32, stride: int | None = None):
+    """Yield, per batch of scoring windows, the full next-token log-probabilities ``[B, T-1, V]``, the
+    log-probability of each actual next token ``[B, T-1]``, the mask of the targets that count, and
+    which text each row belongs to (``[B]``, indices into ``texts``).
 
-    Texts are right-padded (causal attention never looks right, so padding cannot change a real
-    token's prediction) and truncated to the model's context. Every LM loss of the course reads this.
+    Every prediction is made within the model's :func:`trained_context`: a longer text is read in
+    overlapping windows (:func:`score_windows`, ``stride`` defaulting to half the context) and each of
+    its tokens is scored exactly once, so no position the model never trained on is ever scored.
+    Windows are right-padded (causal attention never looks right, so padding cannot change a real
+    token's prediction); padding and already-scored targets are masked. Every LM loss of the course
+    reads this.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    max_length = _max_positions(model)
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start: start + batch_size]
-        encoded = [tokenizer(t, truncation=max_length is not None, max_length=max_length)["input_ids"]
-                   for t in chunk]
-        ids, mask = pad_batch(encoded, pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    context = trained_context(model)
+    windows: list[tuple[int, list[int], int]] = []  # (text index, window ids, targets to skip)
+    for index, text in enumerate(texts):
+        ids = tokenizer(text, verbose=False)["input_ids"]
+        if context is None or len(ids) <= context:
+            windows.append((index, ids, 0))
+            continue
+        for start, end, skip in score_windows(len(ids), context, stride or context // 2):
+            windows.append((index, ids[start:end], skip))
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first: first + batch_size]
+        ids, attention = pad_batch([w for _, w, _ in batch], pad_id)
+        targets = attention.clone()
+        for row, (_, _, skip) in enumerate(batch):
+            targets[row, 1: 1 + skip] = 0  # tokens 1..skip were predicted by the previous window
+        ids, attention = ids.to(device), attention.to(device)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
         log_probs = torch.log_softmax(logits, dim=-1)
         target_log_probs = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        yield log_probs, target_log_probs, mask[:, 1:]
+        yield log_probs, target_log_probs, targets[:, 1:].to(device), torch.tensor([index for index, _, _ in batch])
 
 
 @torch.no_grad()
-def sequence_nll(model, tokenizer, texts: list[str], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_nll(model, tokenizer, texts: list[str], batch_size: int = 32, stride: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood (nats) and number of predicted tokens, per text.
 
     Each text is tokenised as the tokenizer does by default (our tokenizer prepends ``<|bos|>``);
-    every token after the first is predicted from its prefix. Padding is masked out, so the result
-    does not depend on ``batch_size`` or on what else is in the batch (up to float rounding).
-    Texts longer than the model's context are truncated to it.
+    every token after the first is predicted from its prefix, within the model's trained context
+    (longer texts are read in sliding windows, :func:`log_prob_batches`). Padding is masked out, so the
+    result does not depend on ``batch_size`` or on what else is in the batch (up to float rounding).
     """
     _check_texts(texts, batch_size)
-    sums, counts = [], []
-    for _, target_log_probs, mask in log_prob_batches(model, tokenizer, texts, batch_size):
+    sums = torch.zeros(len(texts), dtype=torch.float64)
+    counts = torch.zeros(len(texts), dtype=torch.long)
+    for _, target_log_probs, mask, rows in log_prob_batches(model, tokenizer, texts, batch_size, stride):
         target_mask = mask.to(target_log_probs.dtype)
-        sums.append(-(target_log_probs * target_mask).sum(dim=1).cpu())
-        counts.append(target_mask.sum(dim=1).long().cpu())
-    return torch.cat(sums), torch.cat(counts)
+        sums.index_add_(0, rows, -(target_log_probs * target_mask).sum(dim=1).cpu().double())
+        counts.index_add_(0, rows, target_mask.sum(dim=1).long().cpu())
+    return sums.float(), counts
 
 
 @torch.no_grad()
@@ -181,26 +226,29 @@ def token_log_probs(model, tokenizer, texts: list[str], batch_size: int = 32, mo
     With ``moments=True`` also the mean and standard deviation of ``log p(z | prefix)`` over the
     vocabulary ``z ~ p(. | prefix)`` at each position (``"mean"``, ``"std"``), which Min-K%++
     (Zhang et al. 2024, Eq. 2) needs. One forward pass per batch feeds every LM membership score.
+    Texts longer than the trained context are read in sliding windows (:func:`log_prob_batches`).
     """
     check_texts("texts", texts, nonempty_each=True)
     _check_texts(texts, batch_size)
     check_bool("moments", moments)
-    results = []
-    for start, (log_probs, target_log_probs, mask) in zip(range(0, len(texts), batch_size),
-                                                          log_prob_batches(model, tokenizer, texts, batch_size)):
+    pieces: list[list[dict[str, torch.Tensor]]] = [[] for _ in texts]
+    for log_probs, target_log_probs, mask, rows in log_prob_batches(model, tokenizer, texts, batch_size):
         if moments:
             probs = log_probs.exp()
             mean = (probs * log_probs).sum(-1)
             std = ((probs * log_probs**2).sum(-1) - mean**2).clamp_min(0).sqrt()
-        for row in range(len(target_log_probs)):
+        for row, index in enumerate(rows.tolist()):
             keep = mask[row].bool()
-            if not keep.any():
-                raise ValueError(f"texts[{start + row}] = {texts[start + row]!r} tokenises to fewer than two "
-                                 "tokens, so no token of it is predicted; every text needs at least one")
-            entry = {"log_prob": target_log_probs[row, keep].cpu()}
+            piece = {"log_prob": target_log_probs[row, keep].cpu()}
             if moments:
-                entry["mean"], entry["std"] = mean[row, keep].cpu(), std[row, keep].cpu()
-            results.append(entry)
+                piece["mean"], piece["std"] = mean[row, keep].cpu(), std[row, keep].cpu()
+            pieces[index].append(piece)
+    results = []
+    for index, parts in enumerate(pieces):
+        if sum(len(p["log_prob"]) for p in parts) == 0:
+            raise ValueError(f"texts[{index}] = {texts[index]!r} tokenises to fewer than two "
+                             "tokens, so no token of it is predicted; every text needs at least one")
+        results.append({key: torch.cat([p[key] for p in parts]) for key in parts[0]})
     return results
 
 
@@ -212,9 +260,10 @@ def mean_token_loss(model, tokenizer, texts: list[str], batch_size: int = 32) ->
     return nll / count
 
 
-def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
-    """Corpus perplexity, ``exp(total NLL / total predicted tokens)``, padding masked."""
-    nll, count = sequence_nll(model, tokenizer, texts, batch_size)
+def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32, stride: int | None = None) -> float:
+    """Corpus perplexity, ``exp(total NLL / total predicted tokens)``, padding masked, every token
+    predicted within the model's trained context (sliding windows of ``stride``, :func:`score_windows`)."""
+    nll, count = sequence_nll(model, tokenizer, texts, batch_size, stride)
     if count.sum() == 0:
         raise ValueError("texts contain no token to predict")
     return math.exp(nll.sum().item() / count.sum().item())

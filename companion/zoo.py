@@ -310,11 +310,15 @@ class LMRecipe(Recipe):
                    corpus=source.fingerprint())
 
     def read(self, folder: Path):
-        return read_lm(folder)
+        model, tok = read_lm(folder)
+        model.config.trained_context = self.context  # what metrics score within (the position table is longer)
+        return model, tok
 
 
 def build_lm(recipe: LMRecipe, vocab_size: int, special_ids: dict[str, int]):
-    """An untrained ``LlamaForCausalLM`` or ``GPT2LMHeadModel`` from the recipe."""
+    """An untrained ``LlamaForCausalLM`` or ``GPT2LMHeadModel`` from the recipe. Its position table is twice
+    the training context (so generation may run past it); ``config.trained_context`` records the context it
+    trains on, within which :mod:`companion.metrics` scores every token."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     if not isinstance(recipe, LMRecipe):
@@ -328,13 +332,14 @@ def build_lm(recipe: LMRecipe, vocab_size: int, special_ids: dict[str, int]):
             vocab_size=vocab_size, hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
             num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
             num_key_value_heads=recipe.heads, max_position_embeddings=recipe.context * 2,
-            rms_norm_eps=1e-5, tie_word_embeddings=False, **special_ids,
+            rms_norm_eps=1e-5, tie_word_embeddings=False, trained_context=recipe.context, **special_ids,
         )
         return LlamaForCausalLM(config)
     if recipe.architecture == "gpt2":
         config = GPT2Config(
             vocab_size=vocab_size, n_embd=recipe.hidden, n_layer=recipe.layers, n_head=recipe.heads,
-            n_inner=recipe.intermediate, n_positions=recipe.context * 2, **special_ids,
+            n_inner=recipe.intermediate, n_positions=recipe.context * 2, trained_context=recipe.context,
+            **special_ids,
         )
         return GPT2LMHeadModel(config)
     raise ValueError(f"recipe.architecture must be 'llama' or 'gpt2', got {recipe.architecture!r}")

@@ -157,3 +157,41 @@ def test_rate_intervals_match_textbook_values():
 def test_rate_interval_rejects_bad_input(kwargs, error, message):
     with pytest.raises(error, match=message):
         metrics.rate_interval(**kwargs)
+
+
+def test_score_windows_score_every_token_once_within_the_context():
+    assert metrics.score_windows(5, 8, 4) == [(0, 5, 0)]
+    windows = metrics.score_windows(20, 8, 4)
+    assert windows == [(0, 8, 0), (4, 12, 3), (8, 16, 3), (12, 20, 3)]
+    scored = []
+    for start, end, skip in windows:
+        assert end - start <= 8
+        scored += list(range(start + 1 + skip, end))  # tokens this window predicts and counts
+    assert scored == list(range(1, 20))
+    for n, context, stride in [(129, 128, 64), (300, 128, 1), (1000, 128, 127), (7, 2, 1)]:
+        tokens = [t for s, e, k in metrics.score_windows(n, context, stride) for t in range(s + 1 + k, e)]
+        assert tokens == list(range(1, n))
+    with pytest.raises(ValueError, match="stride must be <= 7"):
+        metrics.score_windows(20, 8, 8)
+
+
+def test_long_texts_are_scored_in_windows_within_the_trained_context(tiny_lm):
+    model, tok = tiny_lm
+    long_text = " ".join(["Ann was born in 1970 and lives in Paris."] * 30)
+    n_tokens = len(tok(long_text, verbose=False)["input_ids"])
+    context = metrics.trained_context(model)
+    assert context == 64 and n_tokens > 3 * context
+    nll, count = metrics.sequence_nll(model, tok, [long_text, "Bob was born in 1980."])
+    assert count[0] == n_tokens - 1  # every token after the first, once
+    per_token = metrics.token_log_probs(model, tok, [long_text])[0]["log_prob"]
+    assert len(per_token) == n_tokens - 1 and torch.isclose(-per_token.sum(), nll[0], rtol=1e-5)
+    ids = torch.tensor([tok(long_text, verbose=False)["input_ids"]])
+    with torch.no_grad():  # the first window is the model's own prediction on the first `context` tokens
+        first = torch.log_softmax(model(input_ids=ids[:, :context]).logits[0, :-1].float(), -1)
+    expected = first.gather(-1, ids[0, 1:context, None]).squeeze(-1)
+    assert torch.allclose(per_token[: context - 1], expected, atol=1e-5)
+    short = metrics.sequence_nll(model, tok, ["Bob was born in 1980."])
+    assert torch.allclose(short[0], nll[1:], atol=1e-5) and short[1].item() == count[1].item()
+    assert metrics.perplexity(model, tok, [long_text], stride=8) != metrics.perplexity(model, tok, [long_text], stride=32)
+    with pytest.raises(ValueError, match="stride must be <= 63"):
+        metrics.perplexity(model, tok, [long_text], stride=64)
