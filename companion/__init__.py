@@ -22,7 +22,7 @@ for _name, _value in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2"), ("O
 __version__ = "0.1.0"
 _MODULES = frozenset(info.name for info in _pkgutil.iter_modules(__path__))
 
-from companion.runtime import setup  # noqa: E402  (the one name every notebook needs first)
+from companion.runtime import setup  # noqa: E402,F401  (the one name every notebook needs first)
 
 
 def __getattr__(name: str):

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from companion.checks import check_bool, check_float, check_int, check_str
+from companion.checks import check_bool, check_float, check_fraction, check_int, check_str
 
 # --------------------------------------------------------------------------------------------------
 # 1. The biography world
@@ -401,8 +401,7 @@ def split_documents(docs: list[Document], valid_fraction: float = 0.05, seed: in
     characters. Whole documents, so no validation sentence is also a training sentence."""
     if not isinstance(docs, list) or not all(isinstance(d, Document) for d in docs):
         raise TypeError("docs must be a list of Document")
-    if not isinstance(valid_fraction, float) or not 0 < valid_fraction < 1:
-        raise ValueError(f"valid_fraction must be a float in (0, 1), got {valid_fraction!r}")
+    check_fraction("valid_fraction", valid_fraction, open_minimum=True, open_maximum=True)
     seed = check_int("seed", seed, minimum=0)
     if len(docs) < 2:
         raise ValueError(f"docs must hold at least two documents (one to train on, one to validate), got {len(docs)}")
@@ -449,8 +448,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
 def digits_splits(seed: int = 0, train_fraction: float = 0.5) -> DigitsSplits:
     """A fixed, seeded split of the digits into training (members) and test (non-members)."""
     seed = check_int("seed", seed, minimum=0)
-    if not isinstance(train_fraction, float) or not 0 < train_fraction < 1:
-        raise ValueError(f"train_fraction must be a float in (0, 1), got {train_fraction!r}")
+    check_fraction("train_fraction", train_fraction, open_minimum=True, open_maximum=True)
     x, y = load_digits_tensors()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     cut = int(round(train_fraction * len(x)))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from companion.checks import check_float, check_int, check_lm_and_tokenizer
+from companion.checks import check_choice, check_float, check_fraction, check_int, check_lm_and_tokenizer, check_texts
 from companion.generation import attack_success, chat_prompt_ids, generate_batch
 from companion.metrics import token_log_probs
 
@@ -36,15 +36,11 @@ class PerplexityFilter:
         check_lm_and_tokenizer(model, tokenizer)
         self.model, self.tokenizer = model, tokenizer
         self.window_size = check_int("window_size", window_size, minimum=1)
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-            raise TypeError(f"threshold must be a number or None, got {type(threshold).__name__}")
-        if threshold is not None:
-            check_float("threshold", threshold)  # NaN would flag nothing: the defence silently off
-        self.threshold = threshold
+        # NaN would flag nothing: the defence silently off
+        self.threshold = None if threshold is None else check_float("threshold", threshold)
 
     def scores(self, texts: list[str]) -> torch.Tensor:
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
-            raise TypeError("texts must be a non-empty list of non-empty str")
+        check_texts("texts", texts, nonempty_each=True)
         out = []
         for entry in token_log_probs(self.model, self.tokenizer, texts):
             nll = -entry["log_prob"]
@@ -53,9 +49,8 @@ class PerplexityFilter:
         return torch.tensor(out)
 
     def fit(self, benign_texts: list[str], quantile: float = 1.0) -> float:
-        if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0 < quantile <= 1:
-            raise ValueError(f"quantile must be a number in (0, 1], got {quantile!r}")
-        self.threshold = float(torch.quantile(self.scores(benign_texts), float(quantile)))
+        quantile = check_fraction("quantile", quantile, open_minimum=True)
+        self.threshold = float(torch.quantile(self.scores(benign_texts), quantile))
         return self.threshold
 
     def flags(self, texts: list[str]) -> list[bool]:
@@ -71,10 +66,8 @@ def perturb(text: str, q: float, kind: str = "swap", rng: random.Random | None =
     contiguous patch of that length."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 1:
-        raise ValueError(f"q must be a fraction in [0, 1], got {q!r}")
-    if kind not in ("swap", "insert", "patch"):
-        raise ValueError(f"kind must be 'swap', 'insert' or 'patch', got {kind!r}")
+    q = check_fraction("q", q)
+    check_choice("kind", kind, ("swap", "insert", "patch"))
     if rng is not None and not isinstance(rng, random.Random):
         raise TypeError(f"rng must be None or a random.Random, got {type(rng).__name__}")
     rng = rng or random.Random(0)

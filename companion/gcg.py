@@ -86,8 +86,6 @@ class GCGConfig:
         for name in ("use_mellowmax", "early_stop", "use_prefix_cache", "allow_non_ascii", "filter_ids"):
             check_bool(name, getattr(self, name))
         check_positive_float("mellowmax_alpha", self.mellowmax_alpha)
-        if isinstance(self.fluency_weight, bool) or not isinstance(self.fluency_weight, (int, float)):
-            raise ValueError(f"fluency_weight must be a number >= 0, got {self.fluency_weight!r}")
         check_float("fluency_weight", self.fluency_weight, 0)
         if self.seed is not None:
             check_int("seed", self.seed, minimum=0)

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from companion.checks import check_bool, check_float, check_int, check_lm_and_tokenizer, check_texts, eager
+from companion.checks import check_bool, check_choice, check_float, check_int, check_lm_and_tokenizer, check_texts, eager
 from companion.train import pad_batch
 
 
@@ -285,8 +285,7 @@ def rate_interval(successes: int, trials: int, confidence: float = 0.95, method:
     if successes > trials:
         raise ValueError(f"successes must be <= trials, got {successes} > {trials}")
     confidence = check_float("confidence", confidence, 0, 1, open_minimum=True, open_maximum=True)
-    if method not in ("wilson", "clopper-pearson"):
-        raise ValueError(f"method must be 'wilson' or 'clopper-pearson', got {method!r}")
+    check_choice("method", method, ("wilson", "clopper-pearson"))
     from scipy import stats
 
     if method == "clopper-pearson":

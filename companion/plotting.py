@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from companion.checks import check_int
+
 #: Colours used for methods across chapters (a method keeps its colour everywhere).
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f")
 
@@ -66,8 +68,7 @@ def loss_curve_plot(ax, losses, smooth: int = 20, label: str = "train loss"):
     losses = np.asarray(losses, dtype=float)
     if losses.ndim != 1 or len(losses) == 0:
         raise ValueError(f"losses must be a non-empty 1-D sequence, got shape {losses.shape}")
-    if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1:
-        raise ValueError(f"smooth must be a positive int, got {smooth!r}")
+    check_int("smooth", smooth, minimum=1)
     steps = np.arange(1, len(losses) + 1)
     line, = ax.plot(steps, losses, alpha=0.25)
     if len(losses) >= smooth:

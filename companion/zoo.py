@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from companion import data
-from companion.checks import (check_bool, check_directory, check_float, check_int, check_lm_and_tokenizer, check_module,
+from companion.checks import (check_bool, check_choice, check_directory, check_float, check_int, check_lm_and_tokenizer, check_module,
                               check_positive_float, check_str)
 from companion.runtime import cache_dir, seed_everything
 from companion.tokenizer import load_tokenizer, train_tokenizer
@@ -269,10 +269,8 @@ class LMRecipe(Recipe):
     bio_split: str = "member"
 
     def __post_init__(self):
-        if self.bio_split not in ("member", "reference"):
-            raise ValueError(f"bio_split must be 'member' or 'reference', got {self.bio_split!r}")
-        if self.architecture not in ("llama", "gpt2"):
-            raise ValueError(f"architecture must be 'llama' or 'gpt2', got {self.architecture!r}")
+        check_choice("bio_split", self.bio_split, ("member", "reference"))
+        check_choice("architecture", self.architecture, ("llama", "gpt2"))
         for name in ("hidden", "layers", "heads", "intermediate", "context", "steps"):
             check_int(name, getattr(self, name), minimum=1)
         if self.hidden % self.heads:

@@ -152,7 +152,7 @@ def test_rate_intervals_match_textbook_values():
     (dict(successes=1, trials=0), ValueError, "trials must be >= 1"),
     (dict(successes=1.0, trials=6), TypeError, "successes must be an int"),
     (dict(successes=1, trials=6, confidence=1.5), ValueError, "confidence"),
-    (dict(successes=1, trials=6, method="agresti"), ValueError, "method must be 'wilson' or 'clopper-pearson'"),
+    (dict(successes=1, trials=6, method="agresti"), ValueError, r"method must be one of \('wilson', 'clopper-pearson'\), got 'agresti'"),
 ])
 def test_rate_interval_rejects_bad_input(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -106,7 +106,7 @@ def test_unknown_name_lists_available():
 
 
 def test_build_lm_rejects_unknown_architecture():
-    with pytest.raises(ValueError, match="architecture must be 'llama' or 'gpt2'"):
+    with pytest.raises(ValueError, match=r"architecture must be one of \('llama', 'gpt2'\), got 'mamba'"):
         zoo.LMRecipe(architecture="mamba", hidden=8, layers=1, heads=1, intermediate=8)  # checked in the recipe
 
 
@@ -178,7 +178,7 @@ def test_reference_recipe_trains_on_the_reference_people(monkeypatch):
 
 
 def test_bad_bio_split_is_rejected():
-    with pytest.raises(ValueError, match="bio_split must be 'member' or 'reference', got 'nonmember'"):
+    with pytest.raises(ValueError, match=r"bio_split must be one of \('member', 'reference'\), got 'nonmember'"):
         zoo.LMRecipe(architecture="llama", hidden=32, layers=2, heads=2, intermediate=64, bio_split="nonmember")
 
 
