@@ -21,7 +21,7 @@ import companion
 SKIP_MODULES = {"nbtools", "runtime", "plotting", "setup"}
 #: Entry points whose *valid* calls are slow by design (they build the whole corpus, train or download).
 SKIP = {"zoo.corpus", "zoo.tokenizer", "zoo.card", "zoo.load", "zoo.load_hub", "data.python_docs",
-        "dp.privacy_utility_point", "zoo.guarded_chat_data"}
+        "dp.privacy_utility_experiment", "zoo.guarded_chat_data"}
 #: Building blocks called once per optimisation step, inside vmap or a GCG step, whose source the
 #: notebooks display: they trust their (already checked) caller.
 INNER_LOOP = {"dp.clip_and_sum", "gcg.sample_candidates"}
