@@ -369,6 +369,8 @@ def train_stacked_models(make_model, n_models: int, x: torch.Tensor, y: torch.Te
     if transform is None and any(weight is not None for _, weight in steps):
         raise ValueError("schedule has (index, weight) steps, but only a transform reads the weights; "
                          "pass index tensors alone or a GradientTransform")
+    if transform is not None:  # a hook always gets weights: 1 for every example of an unpadded batch
+        steps = [(index, torch.ones(index.shape) if weight is None else weight) for index, weight in steps]
 
     torch.manual_seed(seed)
     models = [make_model() for _ in range(n_models)]
@@ -385,7 +387,7 @@ def train_stacked_models(make_model, n_models: int, x: torch.Tensor, y: torch.Te
         losses = nn.functional.cross_entropy(functional_call(base, (params, buffers), (xb,)), yb, reduction="none")
         return (losses * weight).sum()
 
-    def direction(params, buffers, xb, yb, weight, drawn):
+    def direction(params, buffers, xb, yb, weight=None, drawn=None):
         """One model's update direction from its batch (inside vmap in the vectorised path)."""
         if transform is None:
             return grad(mean_loss)(params, buffers, xb, yb)
@@ -395,18 +397,14 @@ def train_stacked_models(make_model, n_models: int, x: torch.Tensor, y: torch.Te
             grads = grad(summed_loss)(params, buffers, xb, yb, weight)
         return transform(grads, weight, drawn)
 
-    def drawn_for(k):
-        return {} if transform is None else transform.draw(k)
-
     if vectorized:
         params, buffers = stack_module_state(models)
         params = {k: v.detach() for k, v in params.items()}
         batched_direction = vmap(direction)
         state = {}
         for t, (index, weight) in enumerate(steps, start=1):
-            weight = torch.ones(index.shape) if weight is None else weight  # unread without a transform
-            drawn = _stack([drawn_for(k) for k in range(n_models)]) if transform is not None else {}
-            adam_step(params, batched_direction(params, buffers, x[index], y[index], weight, drawn), state, t, lr)
+            hook_inputs = () if transform is None else (weight, _stack([transform.draw(k) for k in range(n_models)]))
+            adam_step(params, batched_direction(params, buffers, x[index], y[index], *hook_inputs), state, t, lr)
         logits = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
     else:
         outputs = []
@@ -415,9 +413,8 @@ def train_stacked_models(make_model, n_models: int, x: torch.Tensor, y: torch.Te
             buffers = dict(model.named_buffers())
             state = {}
             for t, (index, weight) in enumerate(steps, start=1):
-                g = direction(params, buffers, x[index[k]], y[index[k]], None if weight is None else weight[k],
-                              drawn_for(k))
-                adam_step(params, g, state, t, lr)
+                hook_inputs = () if transform is None else (weight[k], transform.draw(k))
+                adam_step(params, direction(params, buffers, x[index[k]], y[index[k]], *hook_inputs), state, t, lr)
             outputs.append(functional_call(base, (params, buffers), (x,)))
         logits = torch.stack(outputs)
     return logits.detach()

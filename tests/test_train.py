@@ -288,3 +288,21 @@ def test_train_stacked_models_bad_inputs(kwargs, error, message):
             "lr": 1e-2} | kwargs
     with pytest.raises(error, match=message):
         train.train_stacked_models(**args)
+
+
+def test_a_hook_on_unweighted_batches_sees_unit_weights():
+    x, y = _toy_data(60)
+    schedule = [torch.randint(0, 60, (2, 8), generator=torch.Generator().manual_seed(t)) for t in range(4)]
+    seen = []
+
+    class _Plain(train.GradientTransform):
+        per_example = False  # the gradient of the summed loss: with unit weights, 8 x the mean's
+
+        def __call__(self, grads, weight, drawn):
+            seen.append(weight)
+            return {name: g / 8 for name, g in grads.items()}
+
+    hooked = train.train_stacked_models(_toy_model, 2, x, y, schedule, lr=1e-2, vectorized=False, transform=_Plain())
+    plain = train.train_stacked_models(_toy_model, 2, x, y, schedule, lr=1e-2, vectorized=False)
+    assert all(torch.equal(w, torch.ones(8)) for w in seen) and len(seen) == 8
+    assert torch.allclose(hooked, plain, atol=1e-5)
