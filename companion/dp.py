@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from companion import mia
-from companion.checks import check_choice, check_classifier_data, check_float, check_int, check_positive_float
+from companion.checks import (check_choice, check_classifier_data, check_float, check_int, check_positive_float,
+                              check_tensor)
 from companion.train import GradientTransform, train_stacked_models
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -297,6 +298,12 @@ class PrivateGradient(GradientTransform):
 
     def __init__(self, config: DPConfig, shapes: dict[str, torch.Size], expected_batch: torch.Tensor, seed: int):
         self.max_grad_norm = _check_config(config).max_grad_norm
+        if not isinstance(shapes, dict) or not shapes:
+            raise TypeError(f"shapes must be a non-empty dict of parameter name -> shape, got {type(shapes).__name__}")
+        check_tensor("expected_batch", expected_batch, ndim=1, kind="float", finite=True, nonempty=True)
+        if bool((expected_batch <= 0).any()):
+            raise ValueError(f"expected_batch must be > 0 for every model, got a minimum of {float(expected_batch.min())}")
+        seed = check_int("seed", seed, minimum=0)
         self.per_example = not math.isinf(self.max_grad_norm)
         self.noise_std = config.noise_multiplier * config.max_grad_norm if config.private else 0.0
         self.shapes, self.expected_batch = shapes, expected_batch
