@@ -16,6 +16,7 @@ import time
 
 
 def main(big_k: int, curve: bool) -> None:
+    import dataclasses
     import math
 
     import torch
@@ -29,42 +30,40 @@ def main(big_k: int, curve: bool) -> None:
     x, y = data.load_digits_tensors()
 
     def make_model():
-        return zoo.build_classifier(zoo.RECIPES["digits-mlp"])
+        return zoo.build_classifier(zoo.recipe_of("digits-mlp"))
 
-    q, steps = dp.poisson_schedule(len(splits.x_train), setting.batch_size, setting.epochs)
-    sigma = dp.noise_multiplier_for(setting.target_epsilon, 1e-5, q, steps)
-    recipe = dict(epochs=setting.epochs, batch_size=setting.batch_size, lr=setting.lr)
-    print(f"recipe: MLP 64-256-10, Adam lr {setting.lr}, {setting.epochs} epochs, q = {q:.4f}, {steps} steps, "
-          f"C = {setting.max_grad_norm}, sigma = {sigma:.3f} (epsilon 4, delta 1e-5, RDP)")
+    config = setting.resolve(len(splits.x_train))
+    q, steps = config.schedule(len(splits.x_train))
+    print(f"recipe: MLP 64-256-10, Adam lr {config.lr}, {config.epochs} epochs, q = {q:.4f}, {steps} steps, "
+          f"C = {config.max_grad_norm}, sigma = {config.noise_multiplier:.3f} (epsilon 4, delta {config.delta:g}, "
+          f"{config.accountant.upper()})")
 
     torch.manual_seed(0)
     start = time.perf_counter()
-    model, report = dp.train_dp_classifier(make_model(), splits.x_train, splits.y_train, noise_multiplier=sigma,
-                                           max_grad_norm=setting.max_grad_norm, **recipe)
+    model, report = dp.train_dp_classifier(make_model(), splits.x_train, splits.y_train, config)
     accuracy = (model(splits.x_test).argmax(1) == splits.y_test).float().mean().item()
     print(f"Opacus, 1 model: {time.perf_counter() - start:.1f} s, test accuracy {accuracy:.3f}, "
           f"epsilon {report.epsilon:.2f}")
 
-    config = dp.DPConfig(sigma, setting.max_grad_norm)
     seconds = {}
     for vectorized in (True, False):
         start = time.perf_counter()
-        dp.train_private_shadow_models(make_model, x, y, mia.balanced_keep(4, len(x)), config, vectorized=vectorized,
-                                       **recipe)
+        dp.train_private_shadow_models(make_model, x, y, mia.balanced_keep(4, len(x)), config, vectorized=vectorized)
         seconds[vectorized] = time.perf_counter() - start
     print(f"K=4 with DP: vectorised {seconds[True]:.1f} s, looped {seconds[False]:.1f} s, "
           f"speed-up {seconds[False] / seconds[True]:.1f}x")
     keep = mia.balanced_keep(big_k, len(x))
-    for name, config in (("with DP", config), ("without DP", dp.DPConfig(0.0, math.inf))):
+    plain = dataclasses.replace(config, noise_multiplier=0.0, max_grad_norm=math.inf)
+    for name, run_config in (("with DP", config), ("without DP", plain)):
         start = time.perf_counter()
-        dp.train_private_shadow_models(make_model, x, y, keep, config, **recipe)
+        dp.train_private_shadow_models(make_model, x, y, keep, run_config)
         elapsed = time.perf_counter() - start
         print(f"K={big_k} {name}: vectorised {elapsed:.1f} s ({elapsed / big_k:.2f} s per model)")
 
     if curve:
         total = 0.0
         for point_setting in dp.SETTINGS:
-            point = dp.privacy_utility_point(point_setting, n_shadow=big_k)
+            point = dp.privacy_utility_experiment(point_setting, n_shadow=big_k)
             total += point.seconds
             lira = ", ".join(f"{variant}: AUC {m['auc']:.3f}, TPR@1% {m['tpr@1%']:.4f}, TPR@0.1% {m['tpr@0.1%']:.4f}"
                              for variant, m in point.lira.items())

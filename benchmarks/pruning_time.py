@@ -21,7 +21,8 @@ def pruning_times() -> None:
     from companion.train import stream_windows
 
     print(companion.setup(seed=0))
-    model, tok = zoo.load("tiny-llama")
+    llama = zoo.load("tiny-llama")
+    model, tok = llama.model, llama.tokenizer
     source = zoo.corpus()
     ids = [i for d in source.train_docs for i in tok(d.text)["input_ids"]]
     windows = stream_windows(ids, 128)[0]

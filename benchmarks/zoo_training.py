@@ -7,7 +7,9 @@ Trains into a temporary cache, so the reader's cache is untouched. Prints one li
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import tempfile
 import time
 
@@ -21,12 +23,13 @@ def main() -> None:
         print(companion.setup(seed=0))
         started = time.perf_counter()
         zoo.corpus()
-        zoo.tokenizer()
+        zoo.course_tokenizer()
         print(f"{'corpus + tokenizer':>20}: {time.perf_counter() - started:6.1f} s")
-        for name in zoo.available():
+        for info in pkgutil.iter_modules(companion.__path__):  # chapters register their own models
+            importlib.import_module(f"companion.{info.name}")
+        for name in sorted(zoo.available(), key=lambda n: hasattr(zoo.recipe_of(n), "base")):  # bases first
             started = time.perf_counter()
-            zoo.load(name)
-            card = zoo.card(name)
+            card = zoo.load(name).card
             print(f"{name:>20}: {time.perf_counter() - started:6.1f} s total, {card['train_seconds']:6.1f} s training, "
                   f"{card['parameters']:,} parameters", flush=True)
 

@@ -28,12 +28,13 @@ Two implementations of the same algorithm:
   on their own model);
 - :func:`train_private_shadow_models` trains K models at once with ``torch.func.vmap``, like
   :func:`companion.mia.train_shadow_models`, so that LiRA can attack DP-trained models;
-  :func:`privacy_utility_point` runs one point of the privacy-utility curve end to end.
+  :func:`privacy_utility_experiment` (chapter 01's experiment) runs one point of the privacy-utility
+  curve end to end.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -44,7 +45,9 @@ import torch
 from torch import nn
 
 from companion import mia
-from companion.checks import check_choice, check_classifier_data, check_float, check_int, check_positive_float
+from companion.checks import (check_choice, check_classifier_data, check_float, check_int, check_positive_float,
+                              check_tensor)
+from companion.train import GradientTransform, train_stacked_models
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -73,13 +76,22 @@ def _check_accountant(accountant) -> str:
 
 @dataclass(frozen=True)
 class DPConfig:
-    """DP-SGD's noise multiplier ``sigma`` and clipping norm ``C`` (Abadi et al. 2016, Algorithm 1).
+    """DP-SGD's recipe (Abadi et al. 2016, Algorithm 1): the noise multiplier ``sigma`` and clipping
+    norm ``C`` of each step, the optimiser (Adam at ``lr``) on Poisson batches of expected size
+    ``batch_size`` for ``epochs``, and how the privacy spent is accounted (``delta``, ``accountant``).
 
-    ``DPConfig(0.0, math.inf)`` is ordinary (non-private) training with the same Poisson batches.
+    Every DP-SGD trainer of this module takes one of these. ``DPConfig(0.0, math.inf)`` is ordinary
+    (non-private) training with the same Poisson batches; :meth:`calibrated` picks ``sigma`` for a
+    target epsilon.
     """
 
     noise_multiplier: float
     max_grad_norm: float
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-2
+    delta: float = 1e-5
+    accountant: str = "rdp"
 
     def __post_init__(self):
         _check_float("noise_multiplier", self.noise_multiplier)
@@ -89,10 +101,30 @@ class DPConfig:
         if math.isinf(self.max_grad_norm) and self.noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be 0 when max_grad_norm is inf (the noise is "
                              f"sigma * C), got {self.noise_multiplier}")
+        check_int("epochs", self.epochs, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_positive_float("lr", self.lr)
+        _check_delta(self.delta)
+        _check_accountant(self.accountant)
 
     @property
     def private(self) -> bool:
         return self.noise_multiplier > 0
+
+    def schedule(self, n_examples: int) -> tuple[float, int]:
+        """The sampling rate ``q`` and the step count of this recipe on ``n_examples`` (:func:`poisson_schedule`)."""
+        return poisson_schedule(n_examples, self.batch_size, self.epochs)
+
+    def calibrated(self, target_epsilon: float, n_examples: int) -> "DPConfig":
+        """This recipe with the smallest noise multiplier that spends at most ``target_epsilon`` (at
+        this ``delta``) when trained on ``n_examples`` (:func:`noise_multiplier_for`); needs a finite
+        clipping norm."""
+        target_epsilon = check_positive_float("target_epsilon", target_epsilon)
+        if math.isinf(self.max_grad_norm):
+            raise ValueError("calibrated needs a finite max_grad_norm (the noise is sigma * C), got inf")
+        sample_rate, steps = self.schedule(n_examples)
+        sigma = noise_multiplier_for(target_epsilon, self.delta, sample_rate, steps, self.accountant)
+        return dataclasses.replace(self, noise_multiplier=sigma)
 
 
 @dataclass(frozen=True)
@@ -152,9 +184,10 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
                                           sample_rate=sample_rate, steps=steps, accountant=accountant))
 
 
-def _report(dp: DPConfig, sample_rate: float, steps: int, delta: float, accountant: str) -> PrivacyReport:
-    return PrivacyReport(epsilon_spent(dp.noise_multiplier, sample_rate, steps, delta, accountant), delta,
-                         dp.noise_multiplier, dp.max_grad_norm, sample_rate, steps, accountant)
+def _report(config: DPConfig, sample_rate: float, steps: int) -> PrivacyReport:
+    epsilon = epsilon_spent(config.noise_multiplier, sample_rate, steps, config.delta, config.accountant)
+    return PrivacyReport(epsilon, config.delta, config.noise_multiplier, config.max_grad_norm, sample_rate, steps,
+                         config.accountant)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,42 +195,43 @@ def _report(dp: DPConfig, sample_rate: float, steps: int, delta: float, accounta
 # ---------------------------------------------------------------------------------------------
 
 
-def train_dp_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 15,
-                        batch_size: int = 64, lr: float = 1e-2, noise_multiplier: float = 1.0,
-                        max_grad_norm: float = 1.0, delta: float = 1e-5, seed: int = 0,
-                        accountant: str = "rdp") -> tuple[nn.Module, PrivacyReport]:
+def _check_config(config) -> DPConfig:
+    if not isinstance(config, DPConfig):
+        raise TypeError(f"config must be a DPConfig, got {type(config).__name__}")
+    return config
+
+
+def train_dp_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: DPConfig, seed: int = 0
+                        ) -> tuple[nn.Module, PrivacyReport]:
     """Train ``model`` (in place) with DP-SGD through Opacus's ``PrivacyEngine``: Poisson sampling,
-    per-example clipping to ``max_grad_norm``, Gaussian noise ``noise_multiplier * max_grad_norm``, Adam.
+    per-example clipping to ``config.max_grad_norm``, Gaussian noise ``noise_multiplier * max_grad_norm``,
+    Adam. The loader shuffles with ``seed``, the noise is drawn from ``seed + 1``.
 
     Returns the trained model (in eval mode, the original module, not Opacus's wrapper) and the
-    :class:`PrivacyReport` of Opacus's accountant. ``noise_multiplier=0, max_grad_norm=math.inf`` is
-    plain Adam on Poisson batches (epsilon = inf).
+    :class:`PrivacyReport` of Opacus's accountant. ``DPConfig(0.0, math.inf)`` is plain Adam on
+    Poisson batches (epsilon = inf).
     """
     check_classifier_data(model, x, y)
-    dp = DPConfig(noise_multiplier, max_grad_norm)
-    epochs = check_int("epochs", epochs, minimum=1)
-    batch_size = check_int("batch_size", batch_size, minimum=1)
-    lr = check_positive_float("lr", lr)
-    delta, accountant = _check_delta(delta), _check_accountant(accountant)
+    config = _check_config(config)
     seed = check_int("seed", seed, minimum=0)
     from opacus import PrivacyEngine
 
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=config.batch_size,
                                          generator=torch.Generator().manual_seed(seed))
-    sample_rate, steps = poisson_schedule(len(x), batch_size, epochs)
+    sample_rate, steps = config.schedule(len(x))
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off (fine for teaching: it only hardens the random numbers)
         # and torch that its backward hooks fire although the inputs need no gradient (they need none).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        engine = PrivacyEngine(accountant=accountant)
+        engine = PrivacyEngine(accountant=config.accountant)
         private_model, optimizer, private_loader = engine.make_private(
-            module=model, optimizer=torch.optim.Adam(model.parameters(), lr=lr), data_loader=loader,
-            noise_multiplier=dp.noise_multiplier, poisson_sampling=True,
-            max_grad_norm=min(dp.max_grad_norm, 1e30),  # Opacus computes sigma * C: inf would give nan
+            module=model, optimizer=torch.optim.Adam(model.parameters(), lr=config.lr), data_loader=loader,
+            noise_multiplier=config.noise_multiplier, poisson_sampling=True,
+            max_grad_norm=min(config.max_grad_norm, 1e30),  # Opacus computes sigma * C: inf would give nan
             noise_generator=torch.Generator().manual_seed(seed + 1))
         private_model.train()
-        for _ in range(epochs):
+        for _ in range(config.epochs):
             for xb, yb in private_loader:
                 optimizer.zero_grad(set_to_none=True)
                 nn.functional.cross_entropy(private_model(xb), yb).backward()
@@ -210,12 +244,12 @@ def train_dp_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoc
                 delattr(p, leftover)
     model.eval()
     # Opacus's accountant recorded every step: (sigma, q, steps) in one entry, as poisson_schedule said
-    if engine.accountant.history != [(dp.noise_multiplier, sample_rate, steps)]:
+    if engine.accountant.history != [(config.noise_multiplier, sample_rate, steps)]:
         raise RuntimeError(f"Opacus accounted {engine.accountant.history}, expected "
-                           f"{[(dp.noise_multiplier, sample_rate, steps)]}")
-    epsilon = engine.get_epsilon(delta) if dp.private else math.inf
-    return model, PrivacyReport(float(epsilon), delta, dp.noise_multiplier, dp.max_grad_norm, sample_rate, steps,
-                                accountant)
+                           f"{[(config.noise_multiplier, sample_rate, steps)]}")
+    epsilon = engine.get_epsilon(config.delta) if config.private else math.inf
+    return model, PrivacyReport(float(epsilon), config.delta, config.noise_multiplier, config.max_grad_norm,
+                                sample_rate, steps, config.accountant)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,129 +285,108 @@ def _poisson_batches(keep: torch.Tensor, sample_rate: float, steps: int, seed: i
     return schedule
 
 
-def train_private_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, dp: DPConfig,
-                                epochs: int = 15, batch_size: int = 64, lr: float = 1e-2, delta: float = 1e-5,
-                                seed: int = 0, vectorized: bool = True, accountant: str = "rdp"):
+class PrivateGradient(GradientTransform):
+    """One model's DP-SGD gradient (Abadi et al. 2016, Algorithm 1), as the per-example gradient hook of
+    :func:`companion.train.train_stacked_models`: clip each example's gradient to ``C``, sum, add the
+    noise ``N(0, sigma^2 C^2 I)``, divide by the model's expected batch size ``q n_k``.
+
+    Model ``k``'s noise comes from its own ``torch.Generator().manual_seed(seed + k)``, drawn every step
+    with ``torch.normal(0, sigma C, shape)`` parameter by parameter, as Opacus draws it. Without
+    clipping (``C = inf``, hence no noise) the clipped sum is the gradient of the summed loss, so no
+    per-example gradients are computed (``per_example = False``).
+    """
+
+    def __init__(self, config: DPConfig, shapes: dict[str, torch.Size], expected_batch: torch.Tensor, seed: int):
+        self.max_grad_norm = _check_config(config).max_grad_norm
+        if not isinstance(shapes, dict) or not shapes:
+            raise TypeError(f"shapes must be a non-empty dict of parameter name -> shape, got {type(shapes).__name__}")
+        check_tensor("expected_batch", expected_batch, ndim=1, kind="float", finite=True, nonempty=True)
+        if bool((expected_batch <= 0).any()):
+            raise ValueError(f"expected_batch must be > 0 for every model, got a minimum of {float(expected_batch.min())}")
+        seed = check_int("seed", seed, minimum=0)
+        self.per_example = not math.isinf(self.max_grad_norm)
+        self.noise_std = config.noise_multiplier * config.max_grad_norm if config.private else 0.0
+        self.shapes, self.expected_batch = shapes, expected_batch
+        self.generators = [torch.Generator().manual_seed(seed + k) for k in range(len(expected_batch))]
+
+    def draw(self, model: int) -> dict:
+        noise = {name: torch.normal(0.0, self.noise_std, shape, generator=self.generators[model])
+                 if self.noise_std > 0 else torch.zeros(shape) for name, shape in self.shapes.items()}
+        return {"noise": noise, "denominator": self.expected_batch[model]}
+
+    def __call__(self, grads: dict, weight: torch.Tensor, drawn: dict) -> dict:
+        total = clip_and_sum(grads, weight, self.max_grad_norm) if self.per_example else grads
+        return {name: (total[name] + drawn["noise"][name]) / drawn["denominator"] for name in total}
+
+
+def train_private_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, config: DPConfig,
+                                seed: int = 0, vectorized: bool = True) -> tuple[mia.ShadowSignals, PrivacyReport]:
     """DP-SGD for K models of ``make_model()``'s architecture, model ``k`` on the examples with
-    ``keep[k]``: the same algorithm as :func:`train_dp_classifier`, with the parameters stacked and
-    ``vmap`` over models and, for per-example gradients, over examples.
+    ``keep[k]``: the same algorithm as :func:`train_dp_classifier`, trained by
+    :func:`companion.train.train_stacked_models` with :class:`PrivateGradient` as its per-example
+    gradient hook (``vmap`` over models and, for per-example gradients, over examples).
 
     Every model uses the sampling rate and step count of a training set of the *mean* shadow size
     (:func:`poisson_schedule`), so all K models, and an Opacus model trained on a set of that size, spend
     the same epsilon. Each model normalises by its own expected batch size ``floor(q n_k)`` as Opacus
     does. Randomness, so that a reference can replay it: initial weights from ``torch.manual_seed(seed)``
     (``make_model()`` K times), the batches from ``torch.Generator().manual_seed(seed + 1)`` (per step,
-    ``rand(K, N) < q``), model ``k``'s noise from ``torch.Generator().manual_seed(seed + 2 + k)`` (per
-    step, ``torch.normal(0, sigma C, shape)`` parameter by parameter, as Opacus draws it). So
+    ``rand(K, N) < q``), model ``k``'s noise from ``torch.Generator().manual_seed(seed + 2 + k)``. So
     ``vectorized=False`` (one model at a time, the reference) gives the same models.
-
-    Without clipping (``max_grad_norm=inf``, hence no noise) the clipped sum is the gradient of the
-    summed loss, so no per-example gradients are computed. Returns ``(ShadowSignals, PrivacyReport)``.
+    Returns ``(ShadowSignals, PrivacyReport)``.
     """
-    from torch.func import functional_call, grad, stack_module_state, vmap
-
-    if not isinstance(dp, DPConfig):
-        raise TypeError(f"dp must be a DPConfig, got {type(dp).__name__}")
-    mia.check_shadow_setup(make_model, x, keep, batch_size, epochs, lr, seed, vectorized)
-    delta, accountant = _check_delta(delta), _check_accountant(accountant)
-
-    n_models = len(keep)
-    torch.manual_seed(seed)
-    models = [make_model() for _ in range(n_models)]
-    mia._check_classifier_inputs(models[0], x, y)
-    sample_rate, steps = poisson_schedule(round(keep.sum(1).float().mean().item()), batch_size, epochs)
+    config = _check_config(config)
+    mia.check_shadow_setup(make_model, x, keep, config.batch_size, config.epochs, config.lr, seed, vectorized)
+    sample_rate, steps = config.schedule(round(keep.sum(1).float().mean().item()))
     expected_batch = (keep.sum(1).double() * sample_rate).floor().clamp_min(1).float()  # [K], Opacus's int(n q)
     schedule = _poisson_batches(keep, sample_rate, steps, seed + 1)
-    noise_generators = [torch.Generator().manual_seed(seed + 2 + k) for k in range(n_models)]
-    noise_std = dp.noise_multiplier * dp.max_grad_norm if dp.private else 0.0
-    base = copy.deepcopy(models[0]).to("meta")
-
-    def example_loss(params, buffers, xi, yi):  # one example's loss, for per-example gradients
-        return nn.functional.cross_entropy(functional_call(base, (params, buffers), (xi[None],)), yi[None])
-
-    def summed_loss(params, buffers, xb, yb, weight):  # the sum of the sampled examples' losses
-        losses = nn.functional.cross_entropy(functional_call(base, (params, buffers), (xb,)), yb, reduction="none")
-        return (losses * weight).sum()
-
-    def private_gradient(params, buffers, xb, yb, weight, noise, denominator):
-        """One model's DP-SGD gradient (Abadi et al. 2016, Algorithm 1): clip each example's gradient,
-        sum, add the noise N(0, sigma^2 C^2 I), divide by the expected batch size q n."""
-        if math.isinf(dp.max_grad_norm):  # nothing to clip: the sum of gradients is the summed loss's gradient
-            total = grad(summed_loss)(params, buffers, xb, yb, weight)
-        else:
-            per_example = vmap(grad(example_loss), in_dims=(None, None, 0, 0))(params, buffers, xb, yb)
-            total = clip_and_sum(per_example, weight, dp.max_grad_norm)
-        return {name: (total[name] + noise[name]) / denominator for name in total}
-
-    def draw_noise(shapes, k):  # model k's noise, parameter by parameter from its own generator
-        return {name: torch.normal(0.0, noise_std, shape, generator=noise_generators[k]) if noise_std > 0
-                else torch.zeros(shape) for name, shape in shapes.items()}
-
-    shapes = {name: p.shape for name, p in models[0].named_parameters()}
-    if vectorized:
-        params, buffers = stack_module_state(models)
-        params = {k: v.detach() for k, v in params.items()}
-        batched_gradient = vmap(private_gradient)
-        state = {}
-        for t, (index, weight) in enumerate(schedule, start=1):
-            noises = [draw_noise(shapes, k) for k in range(n_models)]
-            noise = {name: torch.stack([n[name] for n in noises]) for name in shapes}
-            g = batched_gradient(params, buffers, x[index], y[index], weight, noise, expected_batch)
-            mia.adam_step(params, g, state, t, lr)
-        logits = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
-    else:
-        outputs = []
-        for k, model in enumerate(models):  # the reference: one model at a time, the same arithmetic
-            params = {n: p.detach() for n, p in model.named_parameters()}
-            buffers = dict(model.named_buffers())
-            state = {}
-            for t, (index, weight) in enumerate(schedule, start=1):
-                g = private_gradient(params, buffers, x[index[k]], y[index[k]], weight[k], draw_noise(shapes, k),
-                                     expected_batch[k])
-                mia.adam_step(params, g, state, t, lr)
-            outputs.append(functional_call(base, (params, buffers), (x,)))
-        logits = torch.stack(outputs)
-    signals = mia.ShadowSignals(logits=logits.detach(), keep=keep.clone(), labels=y.clone())
-    return signals, _report(dp, sample_rate, steps, delta, accountant)
+    shapes = {name: p.shape for name, p in make_model().named_parameters()}  # (the trainer re-seeds)
+    gradient = PrivateGradient(config, shapes, expected_batch, seed + 2)
+    logits = train_stacked_models(make_model, len(keep), x, y, schedule, config.lr, seed=seed,
+                                  vectorized=vectorized, transform=gradient)
+    signals = mia.ShadowSignals(logits=logits, keep=keep.clone(), labels=y.clone())
+    return signals, _report(config, sample_rate, steps)
 
 
 # ---------------------------------------------------------------------------------------------
-# The privacy-utility curve: what each epsilon buys against LiRA, and what it costs in accuracy
+# Chapter 01's experiment: the privacy-utility curve, what each epsilon buys against LiRA and costs
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One training recipe of the curve: DP-SGD at ``target_epsilon`` (``None``: no clipping, no
-    noise), with Adam at ``lr`` on Poisson batches of expected size ``batch_size``."""
+    """One point of the curve: a named DP-SGD recipe, its noise multiplier calibrated to
+    ``target_epsilon`` on the target's training set (``None``: the recipe as given, e.g. non-private)."""
 
     name: str
+    config: DPConfig
     target_epsilon: float | None = None
-    epochs: int = 15
-    max_grad_norm: float = 1.0
-    batch_size: int = 64
-    lr: float = 1e-2
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise TypeError(f"name must be a non-empty str, got {self.name!r}")
+        _check_config(self.config)
         if self.target_epsilon is not None:
             check_positive_float("target_epsilon", self.target_epsilon)
-        check_int("epochs", self.epochs, minimum=1)
-        check_float("max_grad_norm", self.max_grad_norm, 0, open_minimum=True)
-        check_int("batch_size", self.batch_size, minimum=1)
-        check_positive_float("lr", self.lr)
+            if math.isinf(self.config.max_grad_norm):
+                raise ValueError("a Setting with a target_epsilon needs a config with a finite max_grad_norm, got inf")
 
+    def resolve(self, n_examples: int) -> DPConfig:
+        """The recipe to train with on ``n_examples``: ``config``, calibrated when there is a target epsilon."""
+        return self.config if self.target_epsilon is None else self.config.calibrated(self.target_epsilon, n_examples)
+
+
+_NON_PRIVATE, _DP_SGD = DPConfig(0.0, math.inf), DPConfig(0.0, 1.0)
 
 #: The chapter's curve: the non-private recipe, the same recipe stopped early (a regulariser with no
 #: guarantee; 3 epochs puts its accuracy, about 92%, level with DP-SGD at epsilon 4 to 16, so the two
-#: are compared at equal utility), and DP-SGD at three budgets.
+#: are compared at equal utility), and DP-SGD (clipping at 1) at three budgets.
 SETTINGS = (
-    Setting("non-private"),
-    Setting("early-stopped", epochs=3),
-    Setting("dp eps=16", target_epsilon=16.0),
-    Setting("dp eps=4", target_epsilon=4.0),
-    Setting("dp eps=1", target_epsilon=1.0),
+    Setting("non-private", _NON_PRIVATE),
+    Setting("early-stopped", dataclasses.replace(_NON_PRIVATE, epochs=3)),
+    Setting("dp eps=16", _DP_SGD, target_epsilon=16.0),
+    Setting("dp eps=4", _DP_SGD, target_epsilon=4.0),
+    Setting("dp eps=1", _DP_SGD, target_epsilon=1.0),
 )
 
 
@@ -382,7 +395,8 @@ class PrivacyUtilityPoint:
     """One point of the curve. ``test_accuracy`` is the Opacus-trained target's, on the digits' test
     half; the LiRA figures pool ``n_shadow`` leave-one-out games (each shadow model in turn is the
     target, scored against the other ``n_shadow - 1``), so they rest on ``n_negatives`` non-members.
-    ``members`` and ``scores`` (per LiRA variant) hold the pooled games, for ROC curves."""
+    ``summaries`` holds each LiRA variant's :func:`companion.metrics.summary` (counts and intervals),
+    ``lira`` the same numbers flat; ``members`` and ``scores`` (per variant) the pooled games, for ROC curves."""
 
     setting: Setting
     report: PrivacyReport
@@ -394,6 +408,7 @@ class PrivacyUtilityPoint:
     seconds: float
     members: np.ndarray | None = None
     scores: dict[str, np.ndarray] | None = None
+    summaries: dict | None = None
 
     def row(self) -> dict[str, float | str]:
         """A flat summary, e.g. for ``pandas.DataFrame([p.row() for p in points])``."""
@@ -409,70 +424,66 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(-1) == y).float().mean())
 
 
-def privacy_utility_point(setting: Setting, n_shadow: int = 32, delta: float = 1e-5, seed: int = 0,
-                          make_model=None) -> PrivacyUtilityPoint:
-    """Train a target with Opacus on the member half of ``data.digits_splits(seed=0)`` and
-    ``n_shadow`` models with the same recipe (:func:`train_private_shadow_models`, each on a random
-    half of all 1,797 digits), then attack with LiRA (Carlini et al. 2022): online with per-example
-    variances, and online with a fixed (global) variance.
+#: The LiRA variants of the curve: online with per-example variances, and with one fixed variance.
+LIRA_VARIANTS = {"online": dict(online=True), "fixed variance": dict(online=True, fixed_variance=True)}
 
-    ``make_model`` defaults to the ``digits-mlp`` architecture (64-256-10). ``delta = 1e-5`` is well
-    below ``1/n`` (n = 898 training digits): a delta near ``1/n`` would allow publishing one random
-    training example outright.
+
+def privacy_utility_experiment(setting: Setting, n_shadow: int = 32, seed: int = 0, make_model=None
+                               ) -> PrivacyUtilityPoint:
+    """Chapter 01's experiment, one point of the privacy-utility curve: train a target with Opacus
+    (:func:`train_dp_classifier`) on the member half of ``data.digits_splits(seed=0)`` and ``n_shadow``
+    models with the same recipe (:func:`train_private_shadow_models`, each on a random half of all
+    1,797 digits), then attack with LiRA (Carlini et al. 2022) in each :data:`LIRA_VARIANTS`, pooled
+    over every shadow model as the target (:func:`companion.mia.pooled_leave_one_out`).
+
+    ``make_model`` defaults to the ``digits-mlp`` architecture (64-256-10). The settings' ``delta = 1e-5``
+    is well below ``1/n`` (n = 898 training digits): a delta near ``1/n`` would allow publishing one
+    random training example outright.
     """
     from companion import data, metrics, zoo
 
     if not isinstance(setting, Setting):
         raise TypeError(f"setting must be a Setting, got {type(setting).__name__}")
     n_shadow = check_int("n_shadow", n_shadow, minimum=6)  # leave-one-out: >= 2 IN and 2 OUT per example
-    delta, seed = _check_delta(delta), check_int("seed", seed, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
     if make_model is not None and (isinstance(make_model, nn.Module) or not callable(make_model)):
         raise TypeError(f"make_model must be None or a function returning a fresh nn.Module, "
                         f"got {type(make_model).__name__}")
     if make_model is None:
         def make_model():
-            return zoo.build_classifier(zoo.RECIPES["digits-mlp"])
+            return zoo.build_classifier(zoo.recipe_of("digits-mlp"))
 
     started = time.perf_counter()
     splits = data.digits_splits(seed=0)
-    noise_multiplier, max_grad_norm = 0.0, math.inf
-    if setting.target_epsilon is not None:
-        sample_rate, steps = poisson_schedule(len(splits.x_train), setting.batch_size, setting.epochs)
-        noise_multiplier = noise_multiplier_for(setting.target_epsilon, delta, sample_rate, steps)
-        max_grad_norm = setting.max_grad_norm
-    recipe = dict(epochs=setting.epochs, batch_size=setting.batch_size, lr=setting.lr, delta=delta, seed=seed)
+    config = setting.resolve(len(splits.x_train))
 
     # The target, with Opacus
     torch.manual_seed(seed)
-    target, report = train_dp_classifier(make_model(), splits.x_train, splits.y_train,
-                                         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, **recipe)
+    target, report = train_dp_classifier(make_model(), splits.x_train, splits.y_train, config, seed=seed)
 
     # The shadow models, vectorised, on random halves of all the digits
     x = torch.cat([splits.x_train, splits.x_test])
     y = torch.cat([splits.y_train, splits.y_test])
     keep = mia.balanced_keep(n_shadow, len(x), seed=seed)
-    shadow, shadow_report = train_private_shadow_models(make_model, x, y, keep,
-                                                        DPConfig(noise_multiplier, max_grad_norm), **recipe)
+    shadow, shadow_report = train_private_shadow_models(make_model, x, y, keep, config, seed=seed)
     if (shadow_report.sample_rate, shadow_report.steps) != (report.sample_rate, report.steps):
         raise RuntimeError(f"shadow models and target were accounted differently: {shadow_report} vs {report}")
 
     # LiRA: each shadow model in turn is the target; the others are its shadow models
-    variants = {"online": dict(online=True), "fixed variance": dict(online=True, fixed_variance=True)}
-    scores = {name: [] for name in variants}
-    for k in range(n_shadow):
-        others = torch.arange(n_shadow) != k
-        rest = mia.ShadowSignals(shadow.logits[others], keep[others], y)
-        for name, options in variants.items():
-            scores[name].append(mia.lira_scores(rest, shadow.logits[k], **options))
-    members = keep.flatten().numpy()
-    scores = {name: torch.stack(values).flatten().numpy() for name, values in scores.items()}
-    lira = {name: {"auc": metrics.auc(members, s), "tpr@1%": metrics.tpr_at_fpr(members, s, 0.01),
-                   "tpr@0.1%": metrics.tpr_at_fpr(members, s, 0.001)} for name, s in scores.items()}
+    def lira(rest, logits, population):
+        return {name: mia.lira_scores(rest, logits, **options) for name, options in LIRA_VARIANTS.items()}
+
+    pooled = mia.pooled_leave_one_out(shadow, lira)
+    members = pooled["online"].members.numpy()
+    scores = {name: p.scores.numpy() for name, p in pooled.items()}
+    summaries = {name: metrics.summary(members, s, fprs=(0.01, 0.001)) for name, s in scores.items()}
+    lira_table = {name: {"auc": s.auc, "tpr@1%": s.at(0.01).tpr.rate, "tpr@0.1%": s.at(0.001).tpr.rate}
+                  for name, s in summaries.items()}
     with torch.no_grad():
         target_scores = mia.lira_scores(shadow, target(x))
     target_members = (torch.arange(len(x)) < len(splits.x_train)).numpy()
     return PrivacyUtilityPoint(
         setting=setting, report=report, test_accuracy=_accuracy(target, splits.x_test, splits.y_test),
-        train_accuracy=_accuracy(target, splits.x_train, splits.y_train), lira=lira,
+        train_accuracy=_accuracy(target, splits.x_train, splits.y_train), lira=lira_table,
         target_lira_auc=metrics.auc(target_members, target_scores.numpy()), n_negatives=int((~members).sum()),
-        seconds=time.perf_counter() - started, members=members, scores=scores)
+        seconds=time.perf_counter() - started, members=members, scores=scores, summaries=summaries)

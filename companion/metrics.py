@@ -8,6 +8,7 @@ same thing on every page.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -93,16 +94,6 @@ def advantage(labels, scores) -> float:
     """Membership advantage, max over thresholds of TPR - FPR (Yeom et al. 2018)."""
     fpr, tpr, _ = roc_curve(labels, scores)
     return float((tpr - fpr).max())
-
-
-def attack_success_rate(successes) -> float:
-    """The fraction of attempts that succeeded (booleans or 0/1)."""
-    array = _as_1d_array("successes", successes)
-    if len(array) == 0:
-        raise ValueError("successes must not be empty")
-    if not np.isin(array, (0, 1)).all():
-        raise ValueError(f"successes must be booleans or 0/1, got values {np.unique(array)[:5].tolist()}")
-    return float(array.mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +264,9 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32, stride:
 # Intervals for rates
 # ---------------------------------------------------------------------------------------------
 
+INTERVAL_METHODS = ("wilson", "clopper-pearson")
+
+
 def rate_interval(successes: int, trials: int, confidence: float = 0.95, method: str = "wilson") -> tuple[float, float]:
     """A confidence interval for a rate observed as ``successes`` of ``trials``.
 
@@ -285,7 +279,7 @@ def rate_interval(successes: int, trials: int, confidence: float = 0.95, method:
     if successes > trials:
         raise ValueError(f"successes must be <= trials, got {successes} > {trials}")
     confidence = check_float("confidence", confidence, 0, 1, open_minimum=True, open_maximum=True)
-    check_choice("method", method, ("wilson", "clopper-pearson"))
+    check_choice("method", method, INTERVAL_METHODS)
     from scipy import stats
 
     if method == "clopper-pearson":
@@ -301,3 +295,146 @@ def rate_interval(successes: int, trials: int, confidence: float = 0.95, method:
     low = 0.0 if successes == 0 else max(0.0, centre - half)
     high = 1.0 if successes == trials else min(1.0, centre + half)
     return low, high
+
+
+@dataclass(frozen=True)
+class RateEstimate:
+    """A rate observed as ``successes`` of ``trials``, with its ``confidence`` interval ``[low, high]``
+    (:func:`rate_interval`, by ``method``). ``float(estimate)`` is the point estimate ``k / n``."""
+
+    successes: int
+    trials: int
+    low: float
+    high: float
+    confidence: float = 0.95
+    method: str = "wilson"
+
+    @property
+    def rate(self) -> float:
+        return self.successes / self.trials
+
+    def __float__(self) -> float:
+        return self.rate
+
+    def __str__(self) -> str:
+        digits = ".1%" if self.trials >= 100 else ".0%"
+        return (f"{self.successes}/{self.trials} ({self.rate:{digits}}, {self.confidence:.0%} CI "
+                f"{self.low:{digits}}–{self.high:{digits}})")
+
+
+def estimate_rate(successes: int, trials: int, confidence: float = 0.95, method: str = "wilson") -> RateEstimate:
+    """``successes`` of ``trials`` as a :class:`RateEstimate` with its interval (:func:`rate_interval`)."""
+    low, high = rate_interval(successes, trials, confidence, method)
+    return RateEstimate(int(successes), int(trials), low, high, float(confidence), method)
+
+
+def attack_success_rate(successes, confidence: float = 0.95, method: str = "wilson") -> RateEstimate:
+    """The attack success rate of a list of attempts (booleans or 0/1): the count of successes of the
+    attempts, with its interval, never a bare percentage (the course's rule for every rate)."""
+    array = _as_1d_array("successes", successes)
+    if len(array) == 0:
+        raise ValueError("successes must not be empty")
+    if not np.isin(array, (0, 1)).all():
+        raise ValueError(f"successes must be booleans or 0/1, got values {np.unique(array)[:5].tolist()}")
+    return estimate_rate(int(array.sum()), len(array), confidence, method)
+
+
+# ---------------------------------------------------------------------------------------------
+# One summary of an attack (or detector): AUC, advantage and TPR at low FPR with counts
+# ---------------------------------------------------------------------------------------------
+
+#: A TPR at FPR ``f`` rests on the negatives scored above the threshold; with fewer than ``10 / f``
+#: negatives there are fewer than 10 false positives at the operating point, so the FPR itself (and
+#: the threshold it picks) is not measured: the course's rule, flagged by :func:`summary`.
+NEGATIVES_PER_FPR = 10
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The ROC point that :func:`tpr_at_fpr` picks for ``target_fpr``: the highest TPR among thresholds
+    whose FPR is at most ``target_fpr`` (an example is positive when ``score >= threshold``; ``inf``:
+    none is). ``tpr`` counts its true positives of all positives, with an interval; the point's own
+    FPR is ``false_positives / negatives``. ``resolvable`` is False when there are fewer than
+    ``needed_negatives = 10 / target_fpr`` negatives: report such a TPR as unmeasured, or flag it."""
+
+    target_fpr: float
+    tpr: RateEstimate
+    false_positives: int
+    negatives: int
+    threshold: float
+    needed_negatives: int
+
+    @property
+    def fpr(self) -> float:
+        return self.false_positives / self.negatives
+
+    @property
+    def resolvable(self) -> bool:
+        return self.negatives >= self.needed_negatives
+
+
+def fpr_label(fpr: float) -> str:
+    """``0.01 -> "TPR@1%"``, ``0.001 -> "TPR@0.1%"``: the column name of a TPR at low FPR."""
+    fpr = check_float("fpr", fpr, 0, 1, open_minimum=True, open_maximum=True)
+    return f"TPR@{100 * fpr:g}%"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What :func:`summary` measured: AUC, advantage, class counts and one :class:`OperatingPoint`
+    per requested FPR. ``row()`` is the flat table row (AUC, advantage, TPR@...%)."""
+
+    auc: float
+    advantage: float
+    positives: int
+    negatives: int
+    points: tuple[OperatingPoint, ...]
+
+    def at(self, fpr: float) -> OperatingPoint:
+        """The operating point of target FPR ``fpr`` (one of those the summary was computed for)."""
+        for point in self.points:
+            if point.target_fpr == fpr:
+                return point
+        raise ValueError(f"fpr must be one of the summary's FPRs {tuple(p.target_fpr for p in self.points)}, "
+                         f"got {fpr!r}")
+
+    @property
+    def unresolved(self) -> tuple[float, ...]:
+        """The target FPRs with fewer than ``10 / FPR`` negatives."""
+        return tuple(p.target_fpr for p in self.points if not p.resolvable)
+
+    def row(self) -> dict[str, float]:
+        return {"AUC": self.auc, "advantage": self.advantage,
+                **{fpr_label(p.target_fpr): p.tpr.rate for p in self.points}}
+
+
+def _check_fprs(fprs) -> tuple[float, ...]:
+    if isinstance(fprs, (str, bytes)) or not isinstance(fprs, (tuple, list)) or not fprs:
+        raise TypeError(f"fprs must be a non-empty tuple of false-positive rates, got {type(fprs).__name__}"
+                        f"{' (empty)' if isinstance(fprs, (tuple, list)) else ''}")
+    return tuple(check_float(f"fprs[{i}]", f, 0, 1, open_minimum=True, open_maximum=True) for i, f in enumerate(fprs))
+
+
+def summary(labels, scores, fprs=(0.01, 0.001), confidence: float = 0.95, method: str = "wilson") -> Summary:
+    """One attack's (or detector's) evaluation: AUC, advantage (Yeom et al. 2018), and for each FPR in
+    ``fprs`` the TPR of :func:`tpr_at_fpr` (Carlini et al. 2022's low-FPR metric) as a count of the
+    positives, with a ``confidence`` interval (``method``: Wilson or Clopper-Pearson,
+    :func:`rate_interval`), the false positives at that point, and whether the FPR is resolvable
+    (at least ``10 / FPR`` negatives). Higher score = more likely positive.
+    """
+    fprs = _check_fprs(fprs)
+    confidence = check_float("confidence", confidence, 0, 1, open_minimum=True, open_maximum=True)
+    check_choice("method", method, INTERVAL_METHODS)
+    labels, scores = _check_binary_problem(labels, scores)
+    curve_fpr, curve_tpr, thresholds = roc_curve(labels, scores)
+    positives, negatives = int(labels.sum()), int(len(labels) - labels.sum())
+    points = []
+    for fpr in fprs:
+        allowed = np.nonzero(curve_fpr <= fpr)[0]  # tpr_at_fpr's rule; (0, 0) at +inf is always allowed
+        best = allowed[np.argmax(curve_tpr[allowed])]  # the first (lowest-FPR) point of the highest TPR
+        true_positives = int(round(curve_tpr[best] * positives))
+        false_positives = int(round(curve_fpr[best] * negatives))
+        points.append(OperatingPoint(fpr, estimate_rate(true_positives, positives, confidence, method),
+                                     false_positives, negatives, float(thresholds[best]),
+                                     math.ceil(NEGATIVES_PER_FPR / fpr - 1e-9)))
+    return Summary(auc(labels, scores), advantage(labels, scores), positives, negatives, tuple(points))

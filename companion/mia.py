@@ -18,7 +18,6 @@ Evaluate every score with :mod:`companion.metrics` (``auc``, ``tpr_at_fpr``, ``r
 
 from __future__ import annotations
 
-import copy
 import math
 import zlib
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from companion.checks import (check_bool, check_classifier_data, check_float, ch
                               check_lm_and_tokenizer, check_positive_float, check_tensor, check_texts)
 from companion import zoo
 from companion.metrics import token_log_probs
+from companion.train import sampled_minibatches, train_stacked_models
 
 # ---------------------------------------------------------------------------------------------
 # Classifier attacks
@@ -262,33 +262,6 @@ def balanced_keep(n_models: int, n_examples: int, seed: int = 0) -> torch.Tensor
     return order < n_models // 2
 
 
-def adam_step(params: dict, grads: dict, state: dict, t: int, lr: float, beta1: float = 0.9,
-              beta2: float = 0.999, eps: float = 1e-8) -> None:
-    """One Adam step (Kingma & Ba 2015, Algorithm 1) on a dict of tensors, stacked over models or not;
-    ``state`` keeps the moment estimates, ``t`` counts steps from 1. Updates ``params`` in place."""
-    for name, value in (("params", params), ("grads", grads), ("state", state)):
-        if not isinstance(value, dict):
-            raise TypeError(f"{name} must be a dict of tensors, got {type(value).__name__}")
-    if set(grads) != set(params):
-        raise ValueError(f"grads must have the keys of params, got {sorted(grads)} for {sorted(params)}")
-    t = check_int("t", t, minimum=1)
-    lr = check_positive_float("lr", lr)
-    check_float("beta1", beta1, 0, 1, open_maximum=True)
-    check_float("beta2", beta2, 0, 1, open_maximum=True)
-    check_positive_float("eps", eps)
-    # Every update is in place: with K stacked models each parameter is K times larger, and fresh
-    # tensors each step would cost an allocation (and page faults) per operation.
-    for name, param in params.items():
-        grad = grads[name]
-        if name not in state:
-            state[name] = (torch.zeros_like(param), torch.zeros_like(param))
-        m, v = state[name]
-        m.mul_(beta1).add_(grad, alpha=1 - beta1)  # first moment
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # second moment
-        denominator = (v / (1 - beta2**t)).sqrt_().add_(eps)  # bias-corrected sqrt(v_hat) + eps
-        param.addcdiv_(m, denominator, value=-lr / (1 - beta1**t))  # theta -= lr * m_hat / (...)
-
-
 def check_shadow_setup(make_model, x: torch.Tensor, keep: torch.Tensor, batch_size: int, epochs: int = 1,
                        lr: float = 1e-3, seed: int = 0, vectorized: bool = True) -> None:
     """The arguments every shadow-model trainer shares (this module's and ``companion.dp``'s):
@@ -315,47 +288,18 @@ def train_shadow_models(make_model, x: torch.Tensor, y: torch.Tensor, keep: torc
     """Train K models of ``make_model()``'s architecture, model ``k`` on the examples with
     ``keep[k]``, and return their outputs on all of ``x``.
 
-    ``vectorized=True`` trains all K at once: the parameters are stacked (``torch.func.stack_module_state``)
-    and ``vmap`` runs K forward/backward passes as one batched computation; Adam is applied to the
-    stacked tensors. ``vectorized=False`` runs the identical computation model by model (the reference
-    that the tests and the benchmark compare against). Both use the same seeded minibatches.
+    The recipe is ordinary Adam on minibatches of ``batch_size`` drawn from each model's own half
+    (:func:`companion.train.sampled_minibatches`, seeded with ``seed + 1``), for ``epochs`` passes over
+    the mean shadow-set size; the weights start from ``torch.manual_seed(seed)``. The K models are
+    trained together by :func:`companion.train.train_stacked_models`: ``vectorized=True`` stacks their
+    parameters and ``vmap``s the forward and backward passes, ``vectorized=False`` is the model-by-model
+    reference with the same arithmetic.
     """
-    from torch.func import functional_call, grad, stack_module_state, vmap
-
     check_shadow_setup(make_model, x, keep, batch_size, epochs, lr, seed, vectorized)
-    n_models = len(keep)
-    torch.manual_seed(seed)
-    models = [make_model() for _ in range(n_models)]
-    _check_classifier_inputs(models[0], x, y)
     steps = epochs * int(keep.sum(1).float().mean().item()) // batch_size
-    generator = torch.Generator().manual_seed(seed + 1)
-    schedule = [torch.multinomial(keep.float(), batch_size, generator=generator) for _ in range(steps)]
-
-    base = copy.deepcopy(models[0]).to("meta")
-
-    def loss_of(params, buffers, xb, yb):
-        return nn.functional.cross_entropy(functional_call(base, (params, buffers), (xb,)), yb)
-
-    if vectorized:
-        params, buffers = stack_module_state(models)
-        params = {k: v.detach() for k, v in params.items()}
-        batched_grad = vmap(grad(loss_of))
-        state = {}
-        for t, index in enumerate(schedule, start=1):
-            adam_step(params, batched_grad(params, buffers, x[index], y[index]), state, t, lr)
-        logits = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
-    else:
-        outputs = []
-        for k, model in enumerate(models):
-            params = {n: p.detach() for n, p in model.named_parameters()}
-            buffers = dict(model.named_buffers())
-            single_grad = grad(loss_of)
-            state = {}
-            for t, index in enumerate(schedule, start=1):
-                adam_step(params, single_grad(params, buffers, x[index[k]], y[index[k]]), state, t, lr)
-            outputs.append(functional_call(base, (params, buffers), (x,)))
-        logits = torch.stack(outputs)
-    return ShadowSignals(logits=logits.detach(), keep=keep.clone(), labels=y.clone())
+    schedule = sampled_minibatches(keep, batch_size, steps, seed + 1)
+    logits = train_stacked_models(make_model, len(keep), x, y, schedule, lr, seed=seed, vectorized=vectorized)
+    return ShadowSignals(logits=logits, keep=keep.clone(), labels=y.clone())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +419,103 @@ def shokri_attack(shadow: ShadowSignals, target_logits: torch.Tensor, seed: int 
     train_y = shadow.keep.reshape(-1).numpy()
     attack = LogisticRegression(max_iter=2000, random_state=seed).fit(train_x, train_y)
     return torch.tensor(attack.predict_proba(features(target_logits).numpy())[:, 1], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: pooling many membership games
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """An attack's scores pooled over several targets, and whether each scored example was a member
+    of its target's training set (unpacks as ``scores, members = pooled[name]``)."""
+
+    scores: torch.Tensor
+    members: torch.Tensor
+
+    def __post_init__(self):
+        check_tensor("scores", self.scores, ndim=1)
+        check_tensor("members", self.members, ndim=1, kind="bool")
+        if len(self.scores) != len(self.members):
+            raise ValueError(f"scores and members must have the same length, got {len(self.scores)} and "
+                             f"{len(self.members)}")
+
+    def __iter__(self):
+        return iter((self.scores, self.members))
+
+
+def _check_pooling(signals, attacks, targets, n_leave_one_out, n_population, seed) -> tuple[list, int, int]:
+    if not isinstance(signals, ShadowSignals):
+        raise TypeError(f"signals must be a ShadowSignals, got {type(signals).__name__}")
+    if not callable(attacks):
+        raise TypeError(f"attacks must be a function (shadow, target_logits, population) -> dict of scores, "
+                        f"got {type(attacks).__name__}")
+    n_models, n_examples = signals.keep.shape
+    if not isinstance(targets, (list, tuple)):
+        raise TypeError(f"targets must be a list of (logits, members) pairs, got {type(targets).__name__}")
+    for i, target in enumerate(targets):
+        if not isinstance(target, (list, tuple)) or len(target) != 2:
+            raise TypeError(f"targets[{i}] must be a (logits, members) pair, got {type(target).__name__}")
+        check_tensor(f"targets[{i}] logits", target[0], kind="float", finite=True)
+        check_tensor(f"targets[{i}] members", target[1], ndim=1, kind="bool")
+        if target[0].shape != signals.logits.shape[1:] or len(target[1]) != n_examples:
+            raise ValueError(f"targets[{i}] must be logits {list(signals.logits.shape[1:])} and members [{n_examples}], "
+                             f"got {list(target[0].shape)} and {list(target[1].shape)}")
+    n_leave_one_out = n_models if n_leave_one_out is None else \
+        check_int("n_leave_one_out", n_leave_one_out, minimum=0, maximum=n_models)
+    if n_leave_one_out + len(targets) == 0:
+        raise ValueError("there is no game to pool: pass targets or n_leave_one_out >= 1")
+    n_population = check_int("n_population", n_population, minimum=0)
+    fewest_out = min([int((~signals.keep[t]).sum()) for t in range(n_leave_one_out)]
+                     + [int((~members).sum()) for _, members in targets])
+    if n_population >= fewest_out:
+        raise ValueError(f"n_population must be smaller than every target's number of non-members "
+                         f"(as few as {fewest_out}), got {n_population}")
+    check_int("seed", seed, minimum=0)
+    return list(targets), n_leave_one_out, n_population
+
+
+def pooled_leave_one_out(signals: ShadowSignals, attacks, targets=(), n_leave_one_out: int | None = None,
+                         n_population: int = 0, seed: int = 0) -> dict[str, Pooled]:
+    """Score several membership games with ``attacks`` and pool each attack's scores, so that its TPR at
+    a low FPR rests on many more non-members than one target has (Carlini et al. 2022 evaluate LiRA
+    this way: each shadow model in turn is the target).
+
+    The games are, in this order: each ``(logits, members)`` of ``targets`` against all K shadow
+    models, then shadow model ``t = 0 .. n_leave_one_out - 1`` (default all K) against the other
+    ``K - 1``. ``attacks(shadow, target_logits, population)`` returns ``{name: scores [N]}``. With
+    ``n_population > 0``, each game draws that many of its target's non-members (a
+    ``torch.randperm`` of them from ``torch.Generator().manual_seed(seed)``, game after game) as RMIA's
+    population, and leaves them out of the pooled scores; with ``0``, ``population`` is ``None`` and
+    every example is scored. Returns ``{name: Pooled(scores, members)}`` concatenated game by game.
+    """
+    targets, n_leave_one_out, n_population = _check_pooling(signals, attacks, targets, n_leave_one_out,
+                                                             n_population, seed)
+    generator = torch.Generator().manual_seed(seed)
+    games = [(signals, logits, members) for logits, members in targets]
+    for t in range(n_leave_one_out):
+        others = torch.arange(len(signals.keep)) != t
+        rest = ShadowSignals(signals.logits[others], signals.keep[others], signals.labels)
+        games.append((rest, signals.logits[t], signals.keep[t]))
+    pooled = {}
+    for shadow, logits, members in games:
+        evaluated = torch.ones(len(members), dtype=torch.bool)
+        population = None
+        if n_population:
+            outs = torch.nonzero(~members).squeeze(1)
+            population = outs[torch.randperm(len(outs), generator=generator)[:n_population]]
+            evaluated[population] = False
+        scores = attacks(shadow, logits, population)
+        if not isinstance(scores, dict) or not scores:
+            raise TypeError(f"attacks must return a non-empty dict of scores, got {type(scores).__name__}")
+        for name, values in scores.items():
+            check_tensor(f"attacks(...)[{name!r}]", values, ndim=1)
+            if len(values) != len(members):
+                raise ValueError(f"attacks(...)[{name!r}] must score all {len(members)} examples, got {len(values)}")
+            pooled.setdefault(name, []).append((values[evaluated], members[evaluated]))
+    return {name: Pooled(torch.cat([s for s, _ in parts]), torch.cat([m for _, m in parts]))
+            for name, parts in pooled.items()}
 
 
 # tiny-llama's twin trained on the *reference* third of the people instead of the members (same

@@ -11,6 +11,10 @@ The three methods differ only in how they score a weight and whether they fix up
   inverse Hessian ``H^{-1}``, ``H = 2 X X^T + lambda I``; the mask is chosen per block of columns by
   ``w^2 / [H^{-1}]_{jj}^2`` (their Eq. 3 and Algorithm 1).
 
+Each method is one entry of :data:`METHODS` (:func:`register_method`): a scoring function, or an
+update function that also repairs the survivors, and the calibration statistic it reads; :func:`prune`
+is the one driver for all of them.
+
 N:M sparsity (e.g. 2:4: at most 2 non-zeros in every 4 consecutive input weights) is the pattern that
 NVIDIA's sparse tensor cores accelerate. Decoder blocks are pruned one after another, each block's
 calibration inputs being the outputs of the already pruned blocks before it (as both papers do).
@@ -30,8 +34,6 @@ from torch import nn
 
 from companion.checks import (check_choice, check_float, check_int, check_module, check_positive_float, check_tensor,
                               check_token_ids)
-
-METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +231,86 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 
 
 # ---------------------------------------------------------------------------------------------
+# The methods: a registry of how each one prunes a layer
+# ---------------------------------------------------------------------------------------------
+
+
+def magnitude_scores(weight: torch.Tensor, statistic=None) -> torch.Tensor:
+    """Magnitude pruning's score ``|W_ij|`` (needs no calibration statistic)."""
+    check_tensor("weight", weight, ndim=2, kind="float", finite=True)
+    return weight.abs()
+
+
+#: What a method may read about each layer's calibration inputs ``X`` (``[tokens, in]``): a running
+#: sum over the calibration batches of ``per_batch(X)``, turned into the statistic by
+#: ``finish(total, n_tokens)``. Wanda reads ``sum_t x_tj^2`` (``||X_j||^2``); SparseGPT the Hessian
+#: of the layer-wise reconstruction loss, ``H = 2 X^T X / n`` (Frantar & Alistarh 2023, Sec. 3).
+STATISTICS = {
+    "input_sq_norm": (lambda x: (x**2).sum(0), lambda total, n: total),
+    "hessian": (lambda x: x.t() @ x, lambda total, n: 2 * total / n),
+}
+
+
+@dataclass(frozen=True)
+class PruningMethod:
+    """One pruning method, as :func:`prune` applies it to each ``[out, in]`` weight of a block.
+
+    Either ``score(weight, statistic) -> scores``: the weights with the lowest scores are removed
+    (per row, per layer or N:M, by :func:`prune`'s ``pattern`` and ``compare``) and the rest kept
+    unchanged; or ``update(weight, statistic, sparsity, nm) -> new weight``: the method chooses the
+    mask itself and may change the surviving weights (SparseGPT). ``statistic`` names what it reads
+    from the calibration inputs (a key of :data:`STATISTICS`; ``None``: no calibration needed).
+    """
+
+    name: str
+    score: object = None
+    update: object = None
+    statistic: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"name must be a non-empty str, got {self.name!r}")
+        if (self.score is None) == (self.update is None):
+            raise TypeError(f"method {self.name!r} needs exactly one of score or update (a function), "
+                            f"got {'both' if self.score is not None else 'neither'}")
+        for field_name in ("score", "update"):
+            value = getattr(self, field_name)
+            if value is not None and not callable(value):
+                raise TypeError(f"{field_name} must be a function, got {type(value).__name__}")
+        if self.statistic is not None:
+            check_choice("statistic", self.statistic, tuple(STATISTICS))
+
+    def prune_layer(self, weight: torch.Tensor, statistic, sparsity: float, nm: tuple[int, int] | None,
+                    compare: str) -> torch.Tensor:
+        """The layer's new weight (same shape): masked by the scores, or the method's update."""
+        if self.update is not None:
+            return self.update(weight, statistic, sparsity, nm)
+        scores = self.score(weight, statistic)
+        keep = nm_mask(scores, *nm) if nm else (row_mask if compare == "row" else layer_mask)(scores, sparsity)
+        return weight * keep
+
+
+#: Every method :func:`prune` knows, by name (in the order the chapter compares them).
+METHODS: dict[str, PruningMethod] = {}
+
+
+def register_method(name: str, score=None, *, update=None, statistic: str | None = None) -> PruningMethod:
+    """Add a pruning method: one scoring function (``score(weight, statistic) -> scores``, higher =
+    keep) or one update function (``update(weight, statistic, sparsity, nm) -> new weight``), and the
+    calibration statistic it reads (``None``, ``"input_sq_norm"`` or ``"hessian"``). Returns it."""
+    method = PruningMethod(name, score, update, statistic)
+    if name in METHODS:
+        raise ValueError(f"name must be a new method name, got {name!r}, which is already registered")
+    METHODS[name] = method
+    return method
+
+
+register_method("magnitude", magnitude_scores)
+register_method("wanda", wanda_scores, statistic="input_sq_norm")
+register_method("sparsegpt", update=sparsegpt_prune, statistic="hessian")
+
+
+# ---------------------------------------------------------------------------------------------
 # The sequential, block-by-block driver
 # ---------------------------------------------------------------------------------------------
 
@@ -300,7 +382,8 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
 
     Args:
         model: any HF causal LM (Llama-style ``nn.Linear`` or GPT-2 ``Conv1D`` layers).
-        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
+        method: a name in :data:`METHODS`: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"``, or one added
+            with :func:`register_method`.
         sparsity: the fraction of weights removed (unstructured); ignored for an N:M pattern,
             whose sparsity is ``1 - N/M``.
         pattern: ``None`` (unstructured) or ``"N:M"``, e.g. ``"2:4"``.
@@ -309,13 +392,14 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
         compare: for unstructured magnitude or Wanda, compare scores within each output ``"row"``
             (Wanda's choice) or across the whole ``"layer"`` (classic magnitude pruning).
     """
-    check_choice("method", method, METHODS)
+    check_choice("method", method, tuple(METHODS))
+    chosen = METHODS[method]
     if compare not in ("row", "layer"):
         raise ValueError(f"compare must be 'row' or 'layer', got {compare!r}")
     nm = parse_pattern(pattern)
     sparsity = 1 - nm[0] / nm[1] if nm else _check_sparsity(sparsity)
     blocks = decoder_blocks(model)
-    if method != "magnitude":
+    if chosen.statistic is not None:
         if not isinstance(calib, torch.Tensor) or calib.ndim != 2 or len(calib) == 0:
             raise ValueError(f"method {method!r} needs calib, a [nsamples, seq_len] tensor of token ids, "
                              f"got {type(calib).__name__ if calib is None else tuple(getattr(calib, 'shape', ()))}")
@@ -329,27 +413,23 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
     started = time.perf_counter()
     was_training = model.training
     model.eval()
-    inputs = _block_inputs(model, blocks, calib.to(next(model.parameters()).device)) if method != "magnitude" else None
+    inputs = None if chosen.statistic is None else _block_inputs(model, blocks, calib.to(next(model.parameters()).device))
     report = PruneReport(method=method, sparsity=sparsity, pattern=pattern,
                          nsamples=0 if inputs is None else len(calib), seconds=0.0)
     for index, block in enumerate(blocks):
         layers = block_layers(block)
-        stats = {}
-        if inputs is not None:
+        totals, tokens = {}, {}
+        if inputs is not None:  # one pass through the block: each layer's inputs, summed into its statistic
+            per_batch, finish = STATISTICS[chosen.statistic]
             handles = []
             for name, layer in layers.items():
-                stats[name] = {"sq": None, "H": None, "n": 0}
+                tokens[name] = 0
 
                 def collect(module, args, output, name=name):
                     x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    entry = stats[name]
-                    if method == "wanda":
-                        sq = (x**2).sum(0)
-                        entry["sq"] = sq if entry["sq"] is None else entry["sq"] + sq
-                    else:
-                        H = x.t() @ x
-                        entry["H"] = H if entry["H"] is None else entry["H"] + H
-                    entry["n"] += x.shape[0]
+                    value = per_batch(x)
+                    totals[name] = value if name not in totals else totals[name] + value
+                    tokens[name] += x.shape[0]
 
                 handles.append(layer.register_forward_hook(collect))
             _run_block(block, inputs)
@@ -357,13 +437,8 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
                 handle.remove()
         for name, layer in layers.items():
             W = weight_matrix(layer)
-            if method == "sparsegpt":
-                new = sparsegpt_prune(W, 2 * stats[name]["H"] / stats[name]["n"], sparsity, nm)
-            else:
-                scores = W.abs() if method == "magnitude" else wanda_scores(W, stats[name]["sq"])
-                keep = nm_mask(scores, *nm) if nm else (row_mask if compare == "row" else layer_mask)(scores, sparsity)
-                new = W * keep
-            W.copy_(new)  # W is a view for Conv1D, so this writes the transposed storage
+            statistic = None if inputs is None else finish(totals[name], tokens[name])
+            W.copy_(chosen.prune_layer(W, statistic, sparsity, nm, compare))  # a view for Conv1D: writes the storage
             report.layers[f"block{index}.{name}"] = float((W == 0).float().mean())
         if inputs is not None:
             outputs = _run_block(block, inputs)  # the pruned block feeds the next one

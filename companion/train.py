@@ -6,6 +6,7 @@ last two), and return their loss curve so a notebook can plot it without retrain
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Sequence
 
@@ -290,3 +291,191 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
         history.append(total / len(x))
     model.eval()
     return history
+
+
+# ---------------------------------------------------------------------------------------------
+# K models of one architecture at once: stacked parameters, one Adam, a seeded schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def adam_step(params: dict, grads: dict, state: dict, t: int, lr: float, beta1: float = 0.9,
+              beta2: float = 0.999, eps: float = 1e-8) -> None:
+    """One Adam step (Kingma & Ba 2015, Algorithm 1) on a dict of tensors, stacked over models or not;
+    ``state`` keeps the moment estimates, ``t`` counts steps from 1. Updates ``params`` in place.
+
+    The same update as ``torch.optim.Adam`` (no weight decay, no amsgrad), written on plain tensors so
+    that it applies unchanged to K models whose parameters are stacked along a leading dimension.
+    """
+    for name, value in (("params", params), ("grads", grads), ("state", state)):
+        if not isinstance(value, dict):
+            raise TypeError(f"{name} must be a dict of tensors, got {type(value).__name__}")
+    if set(grads) != set(params):
+        raise ValueError(f"grads must have the keys of params, got {sorted(grads)} for {sorted(params)}")
+    t = check_int("t", t, minimum=1)
+    lr = check_positive_float("lr", lr)
+    check_float("beta1", beta1, 0, 1, open_maximum=True)
+    check_float("beta2", beta2, 0, 1, open_maximum=True)
+    check_positive_float("eps", eps)
+    # Every update is in place: with K stacked models each parameter is K times larger, and fresh
+    # tensors each step would cost an allocation (and page faults) per operation.
+    for name, param in params.items():
+        grad = grads[name]
+        if name not in state:
+            state[name] = (torch.zeros_like(param), torch.zeros_like(param))
+        m, v = state[name]
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)  # first moment
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # second moment
+        denominator = (v / (1 - beta2**t)).sqrt_().add_(eps)  # bias-corrected sqrt(v_hat) + eps
+        param.addcdiv_(m, denominator, value=-lr / (1 - beta1**t))  # theta -= lr * m_hat / (...)
+
+
+def sampled_minibatches(keep: torch.Tensor, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """The schedule of ordinary minibatch training for K models: per step, an index ``[K, batch_size]``
+    whose row ``k`` holds ``batch_size`` distinct examples drawn uniformly from model ``k``'s own
+    training set (``keep[k]``), from ``torch.Generator().manual_seed(seed)``."""
+    check_tensor("keep", keep, ndim=2, kind="bool", nonempty=True)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    steps = check_int("steps", steps, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
+    if (keep.sum(1) < batch_size).any():
+        raise ValueError(f"keep: every model needs at least batch_size={batch_size} training examples, "
+                         f"got as few as {int(keep.sum(1).min())}")
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.multinomial(keep.float(), batch_size, generator=generator) for _ in range(steps)]
+
+
+class GradientTransform:
+    """The hook of :func:`train_stacked_models` that turns one model's batch into its update direction
+    (the default, without a hook, is the gradient of the batch's mean cross-entropy).
+
+    ``per_example = True``: ``__call__`` receives per-example gradients ``{name: [B, *shape]}``;
+    ``False``: the gradient of the weighted sum of the batch's losses ``{name: shape}``. ``weight``
+    ``[B]`` is the batch's weights (0 marks padding), ``drawn`` what :meth:`draw` returned for this
+    model and step. ``__call__`` runs inside ``torch.func.vmap`` over models, so it must be a pure
+    tensor function; randomness is drawn beforehand by :meth:`draw` (outside ``vmap``, every step
+    for models ``0 .. K-1`` in order), so the vectorised path and the reference loop see the same
+    numbers. DP-SGD's clipping and noise (``companion.dp``) is the example.
+    """
+
+    per_example: bool = True
+
+    def draw(self, model: int) -> dict:
+        """Model ``model``'s random inputs for one step (a dict of tensors, or of dicts of tensors)."""
+        return {}
+
+    def __call__(self, grads: dict, weight: torch.Tensor, drawn: dict) -> dict:
+        raise NotImplementedError
+
+
+def _stack(trees: list):
+    """Stack a list of equally shaped dicts of tensors (nested dicts allowed) along a new first dim."""
+    if isinstance(trees[0], dict):
+        return {key: _stack([tree[key] for tree in trees]) for key in trees[0]}
+    return torch.stack(trees)
+
+
+def _check_schedule(schedule, n_models: int, n_examples: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each step an index ``[K, B]`` (ints in ``[0, N)``) or an ``(index, weight)`` pair, weight ``[K, B]``."""
+    if not isinstance(schedule, (list, tuple)) or not schedule:
+        raise TypeError(f"schedule must be a non-empty list of [K, B] index tensors or (index, weight) pairs, "
+                        f"got {type(schedule).__name__ if not isinstance(schedule, (list, tuple)) else 'an empty list'}")
+    steps = []
+    for t, step in enumerate(schedule):
+        index, weight = step if isinstance(step, tuple) else (step, None)
+        check_tensor(f"schedule[{t}] index", index, ndim=2, kind="int", nonempty=True)
+        if len(index) != n_models:
+            raise ValueError(f"schedule[{t}] index must have one row per model ({n_models}), got {len(index)}")
+        if int(index.min()) < 0 or int(index.max()) >= n_examples:
+            raise ValueError(f"schedule[{t}] index must hold example indices in [0, {n_examples}), got values in "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        if weight is not None:
+            check_tensor(f"schedule[{t}] weight", weight, kind="float", finite=True)
+            if weight.shape != index.shape:
+                raise ValueError(f"schedule[{t}] weight must have the index's shape {tuple(index.shape)}, "
+                                 f"got {tuple(weight.shape)}")
+        steps.append((index, weight))
+    return steps
+
+
+def train_stacked_models(make_model, n_models: int, x: torch.Tensor, y: torch.Tensor, schedule, lr: float,
+                         seed: int = 0, vectorized: bool = True, transform: GradientTransform | None = None
+                         ) -> torch.Tensor:
+    """Train ``n_models`` classifiers of ``make_model()``'s architecture with Adam, model ``k`` on the
+    minibatches ``x[schedule[t][k]]``, and return their logits on all of ``x``, ``[K, N, C]``.
+
+    This is the engine of shadow models (membership inference), DP-SGD shadow models and any family of
+    K models that differ only in their data. Randomness, so that a reference can replay it: the
+    initial weights come from ``torch.manual_seed(seed)`` (``make_model()`` K times), the batches from
+    ``schedule`` (e.g. :func:`sampled_minibatches`), anything else from ``transform.draw``.
+
+    ``vectorized=True`` trains all K at once: the parameters are stacked
+    (``torch.func.stack_module_state``) and ``vmap`` runs K forward/backward passes as one batched
+    computation; :func:`adam_step` is applied to the stacked tensors. ``vectorized=False`` runs the
+    identical computation model by model (the reference that the tests and the benchmark compare
+    against). Each step's update direction is the gradient of the batch's mean cross-entropy, or
+    what ``transform`` (a :class:`GradientTransform`) makes of the (per-example) gradients.
+    """
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    if isinstance(make_model, nn.Module) or not callable(make_model):
+        raise TypeError(f"make_model must be a function returning a fresh nn.Module, got {type(make_model).__name__}")
+    n_models = check_int("n_models", n_models, minimum=1)
+    check_tensor("x", x, kind="float", finite=True, nonempty=True)
+    steps = _check_schedule(schedule, n_models, len(x))
+    lr = check_positive_float("lr", lr)
+    seed = check_int("seed", seed, minimum=0)
+    check_bool("vectorized", vectorized)
+    if transform is not None and not isinstance(transform, GradientTransform):
+        raise TypeError(f"transform must be None or a GradientTransform, got {type(transform).__name__}")
+    if transform is None and any(weight is not None for _, weight in steps):
+        raise ValueError("schedule has (index, weight) steps, but only a transform reads the weights; "
+                         "pass index tensors alone or a GradientTransform")
+    if transform is not None:  # a hook always gets weights: 1 for every example of an unpadded batch
+        steps = [(index, torch.ones(index.shape) if weight is None else weight) for index, weight in steps]
+
+    torch.manual_seed(seed)
+    models = [make_model() for _ in range(n_models)]
+    check_classifier_data(models[0], x, y)
+    base = copy.deepcopy(models[0]).to("meta")  # the architecture; the weights come from functional_call
+
+    def mean_loss(params, buffers, xb, yb):
+        return nn.functional.cross_entropy(functional_call(base, (params, buffers), (xb,)), yb)
+
+    def example_loss(params, buffers, xi, yi):  # one example's loss, for per-example gradients
+        return nn.functional.cross_entropy(functional_call(base, (params, buffers), (xi[None],)), yi[None])
+
+    def summed_loss(params, buffers, xb, yb, weight):  # the weighted sum of the batch's losses
+        losses = nn.functional.cross_entropy(functional_call(base, (params, buffers), (xb,)), yb, reduction="none")
+        return (losses * weight).sum()
+
+    def direction(params, buffers, xb, yb, weight=None, drawn=None):
+        """One model's update direction from its batch (inside vmap in the vectorised path)."""
+        if transform is None:
+            return grad(mean_loss)(params, buffers, xb, yb)
+        if transform.per_example:
+            grads = vmap(grad(example_loss), in_dims=(None, None, 0, 0))(params, buffers, xb, yb)
+        else:
+            grads = grad(summed_loss)(params, buffers, xb, yb, weight)
+        return transform(grads, weight, drawn)
+
+    if vectorized:
+        params, buffers = stack_module_state(models)
+        params = {k: v.detach() for k, v in params.items()}
+        batched_direction = vmap(direction)
+        state = {}
+        for t, (index, weight) in enumerate(steps, start=1):
+            hook_inputs = () if transform is None else (weight, _stack([transform.draw(k) for k in range(n_models)]))
+            adam_step(params, batched_direction(params, buffers, x[index], y[index], *hook_inputs), state, t, lr)
+        logits = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+    else:
+        outputs = []
+        for k, model in enumerate(models):  # the reference: one model at a time, the same arithmetic
+            params = {n: p.detach() for n, p in model.named_parameters()}
+            buffers = dict(model.named_buffers())
+            state = {}
+            for t, (index, weight) in enumerate(steps, start=1):
+                hook_inputs = () if transform is None else (weight[k], transform.draw(k))
+                adam_step(params, direction(params, buffers, x[index[k]], y[index[k]], *hook_inputs), state, t, lr)
+            outputs.append(functional_call(base, (params, buffers), (x,)))
+        logits = torch.stack(outputs)
+    return logits.detach()

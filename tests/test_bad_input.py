@@ -24,7 +24,7 @@ import companion
 SKIP_MODULES = {"nbtools", "runtime", "plotting", "checks"}
 #: Entry points whose *valid* calls are slow by design (they build the whole corpus, train or download).
 SKIP = {"zoo.corpus", "zoo.course_tokenizer", "zoo.load", "zoo.load_hub", "zoo.entry_folder", "data.python_docs",
-        "dp.privacy_utility_point", "chat_data.guarded_chat_data",
+        "dp.privacy_utility_experiment", "chat_data.guarded_chat_data",
         "zoo.register"}  # register: a valid call changes the registry every later test sees
 #: Building blocks called once per optimisation step, inside vmap or a GCG step, whose source the
 #: notebooks display: they trust their (already checked) caller.

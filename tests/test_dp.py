@@ -77,14 +77,14 @@ def test_one_step_matches_opacus_dp_optimizer():
 # --------------------------------------------------------------------------- K models at once
 
 
-def _reference_dp_adam(x, y, keep, k, config, epochs, batch_size, lr, seed):
+def _reference_dp_adam(x, y, keep, k, config, seed):
     """Model k of train_private_shadow_models, written as a plain loop: nn.Module, torch.optim.Adam,
     one backward pass per sampled example, the documented generators."""
     torch.manual_seed(seed)
     model = [_small_mlp() for _ in range(len(keep))][k]
-    q, steps = dp.poisson_schedule(round(keep.sum(1).float().mean().item()), batch_size, epochs)
+    q, steps = dp.poisson_schedule(round(keep.sum(1).float().mean().item()), config.batch_size, config.epochs)
     batches, noise = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2 + k)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     denominator = math.floor(int(keep[k].sum()) * q)
     for _ in range(steps):
         chosen = keep & (torch.rand(keep.shape, generator=batches) < q)
@@ -108,8 +108,8 @@ def _reference_dp_adam(x, y, keep, k, config, epochs, batch_size, lr, seed):
 def test_vectorised_dp_matches_a_looped_reference():
     x, y = _digits(160)
     keep = mia.balanced_keep(4, len(x), seed=0)  # every digit in two models: mean size 80
-    config = dp.DPConfig(noise_multiplier=0.8, max_grad_norm=0.5)
-    args = dict(epochs=2, batch_size=32, lr=5e-3, seed=4)
+    config = dp.DPConfig(noise_multiplier=0.8, max_grad_norm=0.5, epochs=2, batch_size=32, lr=5e-3)
+    args = dict(seed=4)
     fast, report = dp.train_private_shadow_models(_small_mlp, x, y, keep, config, **args)
     slow, slow_report = dp.train_private_shadow_models(_small_mlp, x, y, keep, config, vectorized=False, **args)
     assert torch.allclose(fast.logits, slow.logits, atol=1e-5)
@@ -122,24 +122,24 @@ def test_vectorised_dp_matches_a_looped_reference():
 def test_no_noise_and_no_clipping_is_plain_adam():
     x, y = _digits(160)
     keep = mia.balanced_keep(2, len(x), seed=1)
-    args = dict(epochs=2, batch_size=32, lr=5e-3, seed=0)
-    plain, report = dp.train_private_shadow_models(_small_mlp, x, y, keep, dp.DPConfig(0.0, math.inf), **args)
+    recipe, args = dict(epochs=2, batch_size=32, lr=5e-3), dict(seed=0)
+    plain_config = dp.DPConfig(0.0, math.inf, **recipe)
+    plain, report = dp.train_private_shadow_models(_small_mlp, x, y, keep, plain_config, **args)
     assert report.epsilon == math.inf
     # the fast path (gradient of the summed loss) equals clipping at a norm no gradient reaches
-    huge, _ = dp.train_private_shadow_models(_small_mlp, x, y, keep, dp.DPConfig(0.0, 1e9), **args)
+    huge, _ = dp.train_private_shadow_models(_small_mlp, x, y, keep, dp.DPConfig(0.0, 1e9, **recipe), **args)
     assert torch.allclose(plain.logits, huge.logits, atol=1e-5)
-    reference = _reference_dp_adam(x, y, keep, 1, dp.DPConfig(0.0, math.inf), **args)
+    reference = _reference_dp_adam(x, y, keep, 1, plain_config, **args)
     assert torch.allclose(plain.logits[1], reference, atol=1e-4)
 
 
 def test_shadow_models_and_an_opacus_target_spend_the_same_epsilon():
     x, y = _digits(480)
     keep = mia.balanced_keep(2, len(x), seed=0)  # every digit in one model: mean size 240
-    args = dict(epochs=2, batch_size=40, lr=1e-2, delta=1e-5, seed=0)
-    _, shadow_report = dp.train_private_shadow_models(_small_mlp, x, y, keep, dp.DPConfig(1.1, 1.0), **args)
+    config = dp.DPConfig(1.1, 1.0, epochs=2, batch_size=40, lr=1e-2, delta=1e-5)
+    _, shadow_report = dp.train_private_shadow_models(_small_mlp, x, y, keep, config, seed=0)
     torch.manual_seed(0)
-    model, target_report = dp.train_dp_classifier(_small_mlp(), x[:240], y[:240], noise_multiplier=1.1,
-                                                   max_grad_norm=1.0, **args)
+    model, target_report = dp.train_dp_classifier(_small_mlp(), x[:240], y[:240], config, seed=0)
     assert shadow_report == target_report
     assert target_report.sample_rate == 1 / 6 and target_report.steps == 12 and target_report.accountant == "rdp"
     assert target_report.epsilon == pytest.approx(dp.epsilon_spent(1.1, 1 / 6, 12, 1e-5))
@@ -149,14 +149,14 @@ def test_shadow_models_and_an_opacus_target_spend_the_same_epsilon():
 def test_opacus_target_learns_and_reports_its_budget():
     splits = data.digits_splits(seed=0)
     torch.manual_seed(0)
-    model, report = dp.train_dp_classifier(_small_mlp(), splits.x_train, splits.y_train, epochs=3,
-                                           noise_multiplier=1.0, max_grad_norm=1.0)
+    model, report = dp.train_dp_classifier(_small_mlp(), splits.x_train, splits.y_train,
+                                           dp.DPConfig(1.0, 1.0, epochs=3))
     accuracy = (model(splits.x_test).argmax(1) == splits.y_test).float().mean().item()
     assert accuracy > 0.6 and not model.training
     assert 0 < report.epsilon < 10 and report.steps == 3 * 15
     assert report.epsilon < dp.epsilon_spent(1.0, report.sample_rate, report.steps, 1e-5, accountant="prv") * 1.3
-    _, plain = dp.train_dp_classifier(_small_mlp(), splits.x_train, splits.y_train, epochs=1,
-                                      noise_multiplier=0.0, max_grad_norm=math.inf)
+    _, plain = dp.train_dp_classifier(_small_mlp(), splits.x_train, splits.y_train,
+                                      dp.DPConfig(0.0, math.inf, epochs=1))
     assert plain.epsilon == math.inf
 
 
@@ -170,14 +170,26 @@ def test_noise_multiplier_for_hits_the_target_epsilon():
     assert dp.epsilon_spent(0.0, q, steps, 1e-5) == math.inf
 
 
-def test_privacy_utility_point_runs_end_to_end():
-    setting = dp.Setting("tiny", target_epsilon=8.0, epochs=1)
-    point = dp.privacy_utility_point(setting, n_shadow=6, make_model=_small_mlp)
+def test_calibrated_config_spends_its_target_epsilon():
+    config = dp.DPConfig(0.0, 1.0, epochs=3).calibrated(4.0, n_examples=898)
+    q, steps = config.schedule(898)
+    assert config.private and config.epochs == 3 and config.max_grad_norm == 1.0
+    assert 4.0 - 0.02 <= dp.epsilon_spent(config.noise_multiplier, q, steps, config.delta) <= 4.0
+    with pytest.raises(ValueError, match="calibrated needs a finite max_grad_norm"):
+        dp.DPConfig(0.0, math.inf).calibrated(4.0, 898)
+    assert dp.Setting("np", dp.DPConfig(0.0, math.inf)).resolve(898) == dp.DPConfig(0.0, math.inf)
+
+
+def test_privacy_utility_experiment_runs_end_to_end():
+    setting = dp.Setting("tiny", dp.DPConfig(0.0, 1.0, epochs=1), target_epsilon=8.0)
+    point = dp.privacy_utility_experiment(setting, n_shadow=6, make_model=_small_mlp)
     assert point.report.epsilon <= 8.0 and point.n_negatives == 6 * 1797 // 2
     assert set(point.lira) == {"online", "fixed variance"}
     assert all(0 <= v <= 1 for metrics in point.lira.values() for v in metrics.values())
     assert point.members.shape == point.scores["online"].shape == (6 * 1797,)
     assert point.row()["setting"] == "tiny" and point.seconds > 0
+    summary = point.summaries["online"]
+    assert summary.negatives == point.n_negatives and summary.at(0.001).tpr.rate == point.lira["online"]["tpr@0.1%"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -194,20 +206,27 @@ def test_privacy_utility_point_runs_end_to_end():
     (lambda: dp.epsilon_spent(1.0, 0.1, 10, 1e-5, accountant="gdp"), ValueError,
      r"accountant must be one of \('rdp', 'prv'\), got 'gdp'"),
     (lambda: dp.noise_multiplier_for(0.0, 1e-5, 0.1, 10), ValueError, "target_epsilon must be > 0, got 0.0"),
-    (lambda: dp.train_dp_classifier("model", torch.zeros(4, 64), torch.zeros(4, dtype=torch.long)), TypeError,
-     "model must be a torch.nn.Module, got str"),
-    (lambda: dp.train_dp_classifier(_small_mlp(), *_digits(64), epochs=0), ValueError, "epochs must be >= 1, got 0"),
-    (lambda: dp.train_dp_classifier(_small_mlp(), *_digits(64), lr=-1.0), ValueError, "lr must be > 0, got -1.0"),
-    (lambda: dp.train_private_shadow_models(_small_mlp, *_digits(64), mia.balanced_keep(2, 64), dp="1"), TypeError,
-     "dp must be a DPConfig, got str"),
+    (lambda: dp.train_dp_classifier("model", torch.zeros(4, 64), torch.zeros(4, dtype=torch.long), dp.DPConfig(1, 1)),
+     TypeError, "model must be a torch.nn.Module, got str"),
+    (lambda: dp.DPConfig(1.0, 1.0, epochs=0), ValueError, "epochs must be >= 1, got 0"),
+    (lambda: dp.DPConfig(1.0, 1.0, lr=-1.0), ValueError, "lr must be > 0, got -1.0"),
+    (lambda: dp.DPConfig(1.0, 1.0, delta=0.0), ValueError, r"delta must be in \(0, 1\), got 0.0"),
+    (lambda: dp.DPConfig(1.0, 1.0, accountant="gdp"), ValueError, r"accountant must be one of"),
+    (lambda: dp.train_dp_classifier(_small_mlp(), *_digits(64), {"noise_multiplier": 1.0}), TypeError,
+     "config must be a DPConfig, got dict"),
+    (lambda: dp.train_private_shadow_models(_small_mlp, *_digits(64), mia.balanced_keep(2, 64), config="1"), TypeError,
+     "config must be a DPConfig, got str"),
     (lambda: dp.train_private_shadow_models(_small_mlp, *_digits(64), torch.ones(2, 5, dtype=torch.bool),
                                             dp.DPConfig(1.0, 1.0)), ValueError, r"keep must be a bool tensor \[n_models, 64\]"),
-    (lambda: dp.train_private_shadow_models(_small_mlp, *_digits(64), mia.balanced_keep(2, 64), dp.DPConfig(1.0, 1.0),
-                                            batch_size=40), ValueError, r"at least batch_size=40 training examples, got as few as \d+"),
+    (lambda: dp.train_private_shadow_models(_small_mlp, *_digits(64), mia.balanced_keep(2, 64), dp.DPConfig(1.0, 1.0, batch_size=40)),
+     ValueError, r"at least batch_size=40 training examples, got as few as \d+"),
     (lambda: dp.train_private_shadow_models(_small_mlp(), *_digits(64), mia.balanced_keep(2, 64), dp.DPConfig(1.0, 1.0)),
      TypeError, "make_model must be a function returning a fresh nn.Module, got Sequential"),
-    (lambda: dp.privacy_utility_point("dp eps=1"), TypeError, "setting must be a Setting, got str"),
-    (lambda: dp.privacy_utility_point(dp.SETTINGS[0], n_shadow=2), ValueError, "n_shadow must be >= 6, got 2"),
+    (lambda: dp.privacy_utility_experiment("dp eps=1"), TypeError, "setting must be a Setting, got str"),
+    (lambda: dp.privacy_utility_experiment(dp.SETTINGS[0], n_shadow=2), ValueError, "n_shadow must be >= 6, got 2"),
+    (lambda: dp.Setting("x", dp.DPConfig(0.0, math.inf), target_epsilon=4.0), ValueError,
+     "needs a config with a finite max_grad_norm"),
+    (lambda: dp.Setting("x", 4.0), TypeError, "config must be a DPConfig, got float"),
 ])
 def test_bad_inputs(call, error, message):
     with pytest.raises(error, match=message):
@@ -219,18 +238,18 @@ def test_bad_inputs(call, error, message):
     (lambda: dp.noise_multiplier_for(math.inf, 1e-5, 0.1, 10), ValueError, "target_epsilon must be a finite number > 0"),
     (lambda: dp.epsilon_spent(1.0, 1.5, 10, 1e-5), ValueError, r"sample_rate must be in \(0, 1\], got 1.5"),
     (lambda: dp.noise_multiplier_for(1.0, 1e-5, math.inf, 10), ValueError, "sample_rate must be finite"),
-    (lambda: dp.train_dp_classifier(_small_mlp(), *_digits(64), lr=math.inf), ValueError, "lr must be a finite number"),
-    (lambda: dp.train_dp_classifier(_small_mlp(), _digits(64)[0], _digits(64)[1].float()), TypeError,
+    (lambda: dp.DPConfig(1.0, 1.0, lr=math.inf), ValueError, "lr must be a finite number"),
+    (lambda: dp.train_dp_classifier(_small_mlp(), _digits(64)[0], _digits(64)[1].float(), dp.DPConfig(1, 1)), TypeError,
      "y must hold integer class labels"),
-    (lambda: dp.train_dp_classifier(_small_mlp(), _digits(64)[0], _digits(64)[1][:, None]), ValueError,
-     "y must be a 1-D tensor"),
-    (lambda: dp.train_dp_classifier(_small_mlp(), _digits(64)[0], _digits(64)[1] + 10), ValueError,
+    (lambda: dp.train_dp_classifier(_small_mlp(), _digits(64)[0], _digits(64)[1][:, None], dp.DPConfig(1, 1)),
+     ValueError, "y must be a 1-D tensor"),
+    (lambda: dp.train_dp_classifier(_small_mlp(), _digits(64)[0], _digits(64)[1] + 10, dp.DPConfig(1, 1)), ValueError,
      "y must be class indices < the number of classes"),
     (lambda: dp.train_private_shadow_models(_small_mlp, *_digits(64), mia.balanced_keep(2, 64), dp.DPConfig(1.0, 1.0),
                                             vectorized="no"), TypeError, "vectorized must be a bool"),
-    (lambda: dp.Setting("x", target_epsilon=math.nan), ValueError, "target_epsilon must be a finite number"),
-    (lambda: dp.Setting("x", epochs=0), ValueError, "epochs must be >= 1"),
-    (lambda: dp.Setting("x", lr=-1.0), ValueError, "lr must be > 0"),
+    (lambda: dp.Setting("x", dp.DPConfig(0.0, 1.0), target_epsilon=math.nan), ValueError,
+     "target_epsilon must be a finite number"),
+    (lambda: dp.DPConfig(0.0, 1.0).calibrated(math.inf, 898), ValueError, "target_epsilon must be a finite number"),
 ])
 def test_bad_inputs_issue_11(call, error, message):
     with pytest.raises(error, match=message):

@@ -43,6 +43,59 @@ def test_tpr_at_fpr_hand_case():
     assert metrics.advantage(labels, scores) == pytest.approx(0.9)
 
 
+def test_summary_hand_case_counts_agree_with_tpr_at_fpr():
+    # the hand case above: 4 members, 10 non-members
+    labels = np.r_[np.ones(4), np.zeros(10)]
+    scores = np.r_[[10, 9, 2, 1], [8, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+    result = metrics.summary(labels, scores, fprs=(0.05, 0.1, 0.5))
+    assert (result.positives, result.negatives) == (4, 10)
+    assert result.auc == metrics.auc(labels, scores) and result.advantage == metrics.advantage(labels, scores)
+    strict, one, half = result.points
+    # FPR <= 5%: no false positive, so the threshold is 9 (score >= 9): members 10 and 9, 2 of 4
+    assert (strict.tpr.successes, strict.tpr.trials, strict.false_positives, strict.threshold) == (2, 4, 0, 9.0)
+    # FPR <= 10%: one false positive (the 8) lets all 4 through at threshold 1
+    assert (one.tpr.successes, one.false_positives, one.threshold, one.fpr) == (4, 1, 1.0, 0.1)
+    # more FPR allowed buys no more TPR: the lowest-FPR point of the highest TPR is reported
+    assert (half.tpr.successes, half.false_positives) == (4, 1)
+    for point in result.points:
+        assert point.tpr.rate == metrics.tpr_at_fpr(labels, scores, point.target_fpr)
+        assert point.tpr.low <= point.tpr.rate <= point.tpr.high
+        assert (point.tpr.low, point.tpr.high) == metrics.rate_interval(point.tpr.successes, 4)
+    assert result.row() == {"AUC": result.auc, "advantage": result.advantage, "TPR@5%": 0.5, "TPR@10%": 1.0,
+                            "TPR@50%": 1.0}
+    assert result.at(0.1) is one
+
+
+def test_summary_flags_an_fpr_that_the_negatives_cannot_resolve():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(50), np.zeros(1000)]
+    scores = np.r_[rng.normal(1, 1, 50), rng.normal(0, 1, 1000)]
+    result = metrics.summary(labels, scores)  # fprs 1% and 0.1%
+    assert result.at(0.01).resolvable and result.at(0.01).needed_negatives == 1000
+    assert not result.at(0.001).resolvable and result.at(0.001).needed_negatives == 10_000
+    assert result.unresolved == (0.001,)
+    assert metrics.fpr_label(0.001) == "TPR@0.1%" and list(result.row()) == ["AUC", "advantage", "TPR@1%", "TPR@0.1%"]
+    wide = metrics.summary(labels, scores, method="clopper-pearson", confidence=0.99)
+    point = wide.at(0.01)
+    assert (point.tpr.low, point.tpr.high) == metrics.rate_interval(point.tpr.successes, 50, 0.99, "clopper-pearson")
+    assert point.tpr.low <= point.tpr.rate <= point.tpr.high
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(-4, 4)), min_size=2, max_size=50),
+       st.floats(0.01, 0.99))
+def test_summary_counts_reproduce_the_roc_point(pairs, fpr):
+    labels = np.array([a for a, _ in pairs])
+    scores = np.array([float(b) for _, b in pairs])
+    if labels.all() or not labels.any():
+        return
+    point = metrics.summary(labels, scores, fprs=(fpr,)).points[0]
+    predicted = scores >= point.threshold
+    assert point.tpr.successes == int((predicted & labels).sum())
+    assert point.false_positives == int((predicted & ~labels).sum()) and point.fpr <= fpr
+    assert point.tpr.rate == metrics.tpr_at_fpr(labels, scores, fpr)
+
+
 def test_perfect_and_chance_scores():
     labels = [0, 0, 1, 1]
     assert metrics.auc(labels, [0, 1, 2, 3]) == 1.0
@@ -52,7 +105,12 @@ def test_perfect_and_chance_scores():
 
 def test_accepts_tensors_and_bools():
     assert metrics.auc(torch.tensor([True, False]), torch.tensor([0.7, 0.2])) == 1.0
-    assert metrics.attack_success_rate([True, False, True, True]) == 0.75
+    rate = metrics.attack_success_rate(torch.tensor([True, False, True, True]))
+    assert (rate.successes, rate.trials, float(rate)) == (3, 4, 0.75)
+    assert (rate.low, rate.high) == metrics.rate_interval(3, 4)
+    assert str(rate).startswith("3/4 (75%, 95% CI ")
+    exact = metrics.attack_success_rate([1, 1, 0], confidence=0.9, method="clopper-pearson")
+    assert (exact.low, exact.high) == metrics.rate_interval(2, 3, 0.9, "clopper-pearson")
 
 
 @pytest.mark.parametrize("call, error, message", [
@@ -67,6 +125,14 @@ def test_accepts_tensors_and_bools():
     (lambda: metrics.tpr_at_fpr([0, 1], [0.1, 0.2], "1%"), TypeError, "fpr must be a float"),
     (lambda: metrics.attack_success_rate([]), ValueError, "must not be empty"),
     (lambda: metrics.attack_success_rate([0.5]), ValueError, "booleans or 0/1"),
+    (lambda: metrics.attack_success_rate([1], method="exact"), ValueError, "method must be one of .*got .exact."),
+    (lambda: metrics.summary([0, 1], [0.1, 0.2], fprs=()), TypeError, "fprs must be a non-empty tuple"),
+    (lambda: metrics.summary([0, 1], [0.1, 0.2], fprs=0.01), TypeError, "fprs must be a non-empty tuple"),
+    (lambda: metrics.summary([0, 1], [0.1, 0.2], fprs=(0.01, 1.0)), ValueError, r"fprs\[1\] must be in \(0, 1\)"),
+    (lambda: metrics.summary([0, 1], [0.1, 0.2], confidence=1.0), ValueError, "confidence must be in"),
+    (lambda: metrics.summary([0, 1], [0.1, 0.2], method="normal"), ValueError, "method must be one of"),
+    (lambda: metrics.summary([1, 1], [0.1, 0.2]), ValueError, "both classes"),
+    (lambda: metrics.summary([0, 1], [0.1, 0.2]).at(0.05), ValueError, "fpr must be one of the summary's FPRs"),
 ])
 def test_bad_inputs(call, error, message):
     with pytest.raises(error, match=message):

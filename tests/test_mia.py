@@ -274,8 +274,6 @@ def test_rmia_rejects_nan_instead_of_scoring_zero():
     (lambda: mia.min_k_plus_plus_scores(None), TypeError, "stats must be a non-empty list"),
     (lambda: mia.scaled_confidence([[0.0, 1.0]], torch.zeros(1, dtype=torch.long)), TypeError,
      "logits must be a torch.Tensor"),
-    (lambda: mia.adam_step({}, {}, {}, t=0, lr=1e-3), ValueError, "t must be >= 1"),
-    (lambda: mia.adam_step({}, {}, {}, t=1, lr=float("nan")), ValueError, "lr must be a finite number"),
     (lambda: mia.zlib_scores([{"log_prob": torch.zeros(2)}], [""]), ValueError, r"texts\[0\] must be a non-empty"),
     (lambda: mia.min_k_scores([{"log_prob": torch.zeros(3)}], k=float("nan")), ValueError, "k must be finite"),
 ])
@@ -306,3 +304,81 @@ def test_train_shadow_models_checks_its_recipe(kwargs, error, message):
 def test_scaled_confidence_rejects_nan_logits():
     with pytest.raises(ValueError, match="logits must be finite"):
         mia.scaled_confidence(torch.full((3, 2), float("nan")), torch.zeros(3, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- pooled leave-one-out games
+
+
+def _toy_attack(shadow, logits, population):
+    """Scores that reveal membership exactly (the target's own true-class logit, which is higher for
+    members in _synthetic_shadow), plus one that records the population it was given."""
+    scores = {"true logit": mia.scaled_confidence(logits, shadow.labels)}
+    if population is not None:
+        marked = torch.zeros(logits.shape[0])
+        marked[population] = 1.0
+        scores["in population"] = marked
+    return scores
+
+
+def test_pooled_leave_one_out_plays_each_game_in_order():
+    shadow, target, target_keep = _synthetic_shadow(n_models=6, n=40)
+    pooled = mia.pooled_leave_one_out(shadow, _toy_attack, targets=[(target, target_keep)], n_leave_one_out=3)
+    scores, members = pooled["true logit"]  # unpacks like the notebook's (scores, members) pairs
+    assert len(scores) == 4 * 40  # one extra target, then shadow models 0, 1, 2; nothing held out
+    assert torch.equal(members, torch.cat([target_keep, shadow.keep[0], shadow.keep[1], shadow.keep[2]]))
+    assert torch.equal(scores[40:80], mia.scaled_confidence(shadow.logits[0], shadow.labels))
+    default = mia.pooled_leave_one_out(shadow, _toy_attack)  # every shadow model in turn
+    assert torch.equal(default["true logit"].members, shadow.keep.flatten())
+
+
+def test_pooled_leave_one_out_leaves_the_population_out():
+    shadow, target, target_keep = _synthetic_shadow(n_models=6, n=40)
+    pooled = mia.pooled_leave_one_out(shadow, _toy_attack, targets=[(target, target_keep)], n_leave_one_out=2,
+                                      n_population=5, seed=3)
+    scores, members = pooled["in population"]
+    assert len(scores) == 3 * (40 - 5) and not scores.any()  # the population is never among the scored
+    # the population is drawn from each game's non-members: every member is still scored
+    assert int(members.sum()) == int(target_keep.sum() + shadow.keep[0].sum() + shadow.keep[1].sum())
+    again = mia.pooled_leave_one_out(shadow, _toy_attack, targets=[(target, target_keep)], n_leave_one_out=2,
+                                     n_population=5, seed=3)
+    assert torch.equal(again["true logit"].scores, pooled["true logit"].scores)  # seeded
+
+
+def test_pooled_leave_one_out_matches_a_hand_written_pooling():
+    """The notebook's former evaluate_targets, written out: identical tensors."""
+    shadow, target, target_keep = _synthetic_shadow(n_models=5, n=30)
+    generator = torch.Generator().manual_seed(0)
+    expected_scores, expected_members = [], []
+    games = [(shadow, target, target_keep)]
+    for t in range(2):
+        others = torch.arange(5) != t
+        games.append((mia.ShadowSignals(shadow.logits[others], shadow.keep[others], shadow.labels),
+                      shadow.logits[t], shadow.keep[t]))
+    for rest, logits, members in games:
+        outs = torch.nonzero(~members).squeeze(1)
+        population = outs[torch.randperm(len(outs), generator=generator)[:4]]
+        evaluated = torch.ones(30, dtype=torch.bool)
+        evaluated[population] = False
+        expected_scores.append(mia.rmia_scores(rest, logits, population)[evaluated])
+        expected_members.append(members[evaluated])
+    pooled = mia.pooled_leave_one_out(shadow, lambda s, l, p: {"rmia": mia.rmia_scores(s, l, p)},
+                                      targets=[(target, target_keep)], n_leave_one_out=2, n_population=4)
+    assert torch.equal(pooled["rmia"].scores, torch.cat(expected_scores))
+    assert torch.equal(pooled["rmia"].members, torch.cat(expected_members))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"signals": "shadow"}, TypeError, "signals must be a ShadowSignals, got str"),
+    ({"attacks": 3}, TypeError, "attacks must be a function"),
+    ({"n_leave_one_out": 7}, ValueError, "n_leave_one_out must be <= 6, got 7"),
+    ({"n_leave_one_out": 0}, ValueError, "there is no game to pool"),
+    ({"n_population": 40}, ValueError, r"n_population must be smaller than every target's number of non-members"),
+    ({"targets": [(torch.zeros(3, 2), torch.zeros(3, dtype=torch.bool))]}, ValueError, r"targets\[0\] must be logits"),
+    ({"targets": [torch.zeros(3)]}, TypeError, r"targets\[0\] must be a \(logits, members\) pair"),
+    ({"attacks": lambda s, l, p: {"short": torch.zeros(3)}}, ValueError, "must score all 40 examples, got 3"),
+])
+def test_pooled_leave_one_out_bad_inputs(kwargs, error, message):
+    shadow, _, _ = _synthetic_shadow(n_models=6, n=40)
+    args = {"signals": shadow, "attacks": _toy_attack} | kwargs
+    with pytest.raises(error, match=message):
+        mia.pooled_leave_one_out(**args)

@@ -267,3 +267,59 @@ def test_masks_reject_nan_scores():
         pruning.row_mask(torch.full((2, 4), float("nan")), 0.5)
     with pytest.raises(ValueError, match="scores must be finite"):
         pruning.layer_mask(torch.full((2, 4), float("nan")), 0.5)
+
+
+# --------------------------------------------------------------------------- the method registry
+
+
+def test_a_new_method_is_one_scoring_function(tiny_lm, monkeypatch):
+    """A toy method (Wanda's score squared, ``|W|^2 ||X||^2``: the same ranking) plugs in with one function."""
+    monkeypatch.setattr(pruning, "METHODS", dict(pruning.METHODS))  # leave the real registry as it was
+    calls = []
+
+    def squared_wanda(weight, input_sq_norm):
+        calls.append(tuple(weight.shape))
+        return weight**2 * input_sq_norm
+
+    pruning.register_method("squared-wanda", squared_wanda, statistic="input_sq_norm")
+    assert list(pruning.METHODS) == ["magnitude", "wanda", "sparsegpt", "squared-wanda"]
+    model, tok = tiny_lm
+    calib = _calib(tok)
+    toy, wanda = copy.deepcopy(model), copy.deepcopy(model)
+    report = pruning.prune(toy, "squared-wanda", pattern="2:4", calib=calib)
+    pruning.prune(wanda, "wanda", pattern="2:4", calib=calib)
+    layers = sum(len(pruning.block_layers(b)) for b in pruning.decoder_blocks(model))
+    assert len(calls) == layers and report.method == "squared-wanda" and report.nsamples == len(calib)
+    # squaring a non-negative score keeps its order within every group: the same masks as Wanda's
+    for a, b in zip(toy.parameters(), wanda.parameters()):
+        assert torch.equal(a == 0, b == 0)
+    with pytest.raises(ValueError, match="needs calib"):
+        pruning.prune(copy.deepcopy(model), "squared-wanda", 0.5)
+
+
+def test_a_method_may_update_the_survivors_and_may_need_no_calibration(tiny_lm, monkeypatch):
+    monkeypatch.setattr(pruning, "METHODS", dict(pruning.METHODS))
+    pruning.register_method("halve", update=lambda weight, statistic, sparsity, nm: weight / 2)
+    model, _ = tiny_lm
+    halved = copy.deepcopy(model)
+    pruning.prune(halved, "halve")  # statistic None: no calib needed
+    layer = pruning.block_layers(pruning.decoder_blocks(model)[0])
+    name = next(iter(layer))
+    before = pruning.weight_matrix(layer[name])
+    after = pruning.weight_matrix(pruning.block_layers(pruning.decoder_blocks(halved)[0])[name])
+    assert torch.equal(after, before / 2)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"name": "wanda", "score": pruning.magnitude_scores}, ValueError, "already registered"),
+    ({"name": "x"}, TypeError, r"needs exactly one of score or update \(a function\), got neither"),
+    ({"name": "x", "score": pruning.magnitude_scores, "update": pruning.sparsegpt_prune}, TypeError, "got both"),
+    ({"name": "x", "score": 3}, TypeError, "score must be a function, got int"),
+    ({"name": "x", "score": pruning.magnitude_scores, "statistic": "gradient"}, ValueError,
+     r"statistic must be one of \('input_sq_norm', 'hessian'\)"),
+    ({"name": "", "score": pruning.magnitude_scores}, TypeError, "name must be a non-empty str"),
+])
+def test_register_method_bad_inputs(kwargs, error, message, monkeypatch):
+    monkeypatch.setattr(pruning, "METHODS", dict(pruning.METHODS))
+    with pytest.raises(error, match=message):
+        pruning.register_method(**kwargs)
