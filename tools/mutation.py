@@ -231,7 +231,10 @@ def _child_prepare(root: Path, log: str) -> None:
     os.chdir(root)
     sys.path[:] = [str(root)] + [p for p in sys.path if Path(p or ".").resolve() not in (REPO, root.resolve())]
     sys.dont_write_bytecode = True
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    except OSError:  # the log folder vanished: run anyway (a failure to log is not a killed mutant)
+        fd = os.open(os.devnull, os.O_WRONLY)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
 
@@ -345,13 +348,18 @@ def _preload() -> None:
     from transformers import LlamaForCausalLM, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: F401
 
 
-def mutate_module(root: Path, module: str, sample: int | None, seed: int, logs: Path) -> dict:
+def mutate_module(root: Path, module: str, sample: int | None, seed: int, logs: Path,
+                  previous: dict | None = None) -> dict:
     source = (root / "companion" / f"{module}.py").read_text()
     mutants = enumerate_mutants(source)
     generated = len(mutants)
     if sample is not None and sample < len(mutants):
         picked = sorted(random.Random(f"{seed}:{module}").sample(range(len(mutants)), sample))
         mutants = [mutants[i] for i in picked]
+    done = {}
+    if previous is not None:  # rerun only what survived (or timed out) last time; tests were only added
+        done = {(m["index"], json.dumps(m["detail"])): m for m in previous["mutants"]
+                if m["status"] == "killed"}
     test_file = f"tests/test_{module}.py"
     started = time.perf_counter()
     base = baseline(root, module, test_file, str(logs / f"{module}-baseline.log"))
@@ -363,6 +371,11 @@ def mutate_module(root: Path, module: str, sample: int | None, seed: int, logs: 
         tests = sorted({t for line in lines for t in base["lines"].get(str(line), [])},
                        key=lambda t: (base["durations"].get(t, 0.0), t))
         mutant.tests_run = len(tests)
+        earlier = done.get((mutant.index, json.dumps(mutant.detail)))
+        if earlier is not None:
+            mutant.status, mutant.seconds = "killed", 0.0
+            mutant.tests_run = earlier["tests_run"]
+            continue
         if not tests:
             mutant.status = "not covered"
         else:
@@ -404,6 +417,8 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write every mutant's result here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the summary table here")
     parser.add_argument("--list", action="store_true", help="only list the mutants")
+    parser.add_argument("--rerun-survivors", type=Path, default=None,
+                        help="a previous --json result over the same source: keep its killed mutants, rerun the rest")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     if args.list:
@@ -414,11 +429,20 @@ def main(argv=None) -> None:
     _preload()
     logs = Path(tempfile.mkdtemp(prefix="mutation-logs-"))
     print(f"logs: {logs}", flush=True)
-    results = [mutate_module(root, module, args.sample, args.seed, logs) for module in args.modules]
+    previous = {}
+    if args.rerun_survivors:
+        previous = {r["module"]: r for r in json.loads(args.rerun_survivors.read_text())}
+    results = []
+    for module in args.modules:
+        if module in previous and (previous[module]["sampled"], previous[module]["seed"]) != (
+                min(args.sample or 10**9, previous[module]["generated"]), args.seed):
+            raise SystemExit(f"{args.rerun_survivors} used another sample or seed for {module}")
+        results.append(mutate_module(root, module, args.sample, args.seed, logs, previous.get(module)))
+        results[-1]["seed"] = args.seed
+        if args.json:  # after every module, so an interrupted run keeps what it measured
+            args.json.write_text(json.dumps(results, indent=1))
     table = markdown(results)
     print(table)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
     if args.markdown:
         args.markdown.write_text(table + "\n")
 
