@@ -355,3 +355,124 @@ def test_check_shadow_setup_accepts_a_valid_setup():
 def test_check_shadow_setup_names_the_bad_argument(overrides, error, message):
     with pytest.raises(error, match=message):
         mia.check_shadow_setup(**_shadow_setup_args(**overrides))
+
+
+# --------------------------------------------------------------------------- hand-computed attacks (mutation survivors)
+
+
+def _tiny_shadow():
+    """4 models x 3 examples x 2 classes, every example IN 2 models and OUT of 2, distinct confidences."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 3, 2, generator=g) * 2
+    keep = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    labels = torch.tensor([0, 1, 0])
+    target = torch.randn(3, 2, generator=g) * 2
+    return mia.ShadowSignals(logits, keep, labels), target
+
+
+def test_lira_equals_its_gaussian_likelihood_ratio_by_hand():
+    shadow, target = _tiny_shadow()
+    phi = shadow.scaled_confidence()
+    observed = mia.scaled_confidence(target, shadow.labels)
+    online = mia.lira_scores(shadow, target)
+    offline = mia.lira_scores(shadow, target, online=False)
+    fixed = mia.lira_scores(shadow, target, fixed_variance=True)
+    std_in, std_out = [], []
+    for n in range(3):
+        ins, outs = phi[shadow.keep[:, n], n], phi[~shadow.keep[:, n], n]
+        std_in.append(ins.std()), std_out.append(outs.std())  # the unbiased (n - 1) standard deviation
+        normal_in, normal_out = torch.distributions.Normal(ins.mean(), ins.std()), torch.distributions.Normal(outs.mean(), outs.std())
+        expected = normal_in.log_prob(observed[n]) - normal_out.log_prob(observed[n])
+        assert online[n].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-4)
+        assert offline[n].item() == pytest.approx(math.log(normal_out.cdf(observed[n]).item()), rel=1e-4, abs=1e-4)
+    s_in, s_out = torch.stack(std_in).median(), torch.stack(std_out).median()
+    for n in range(3):
+        ins, outs = phi[shadow.keep[:, n], n], phi[~shadow.keep[:, n], n]
+        expected = (torch.distributions.Normal(ins.mean(), s_in).log_prob(observed[n])
+                    - torch.distributions.Normal(outs.mean(), s_out).log_prob(observed[n]))
+        assert fixed[n].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-4)
+
+
+def test_lira_needs_out_models_for_every_example():
+    shadow, target = _tiny_shadow()
+    keep = shadow.keep.clone()
+    keep[:, 0] = True  # example 0 is in every model: no OUT model to compare with
+    lopsided = mia.ShadowSignals(shadow.logits, keep, shadow.labels)
+    for kwargs in ({}, {"online": False}, {"fixed_variance": True}, {"online": False, "fixed_variance": True}):
+        with pytest.raises(ValueError, match="too few shadow models: every example needs at least"):
+            mia.lira_scores(lopsided, target, **kwargs)
+    keep[:, 0] = torch.tensor([True, True, True, False])  # one OUT model: enough for a fixed variance only
+    single = mia.ShadowSignals(shadow.logits, keep, shadow.labels)
+    assert torch.isfinite(mia.lira_scores(single, target, online=False, fixed_variance=True)).all()
+    with pytest.raises(ValueError, match="at least 2 OUT"):
+        mia.lira_scores(single, target, online=False)
+
+
+def test_rmia_equals_its_pairwise_ratio_by_hand():
+    shadow, target = _tiny_shadow()
+    probs = torch.softmax(shadow.logits, -1)[:, torch.arange(3), shadow.labels]  # [K, N] true-class probs
+    p_target = torch.softmax(target, -1)[torch.arange(3), shadow.labels]
+    population = torch.tensor([0, 2])
+
+    def by_hand(p_marginal, gamma):
+        ratio = p_target / p_marginal
+        return torch.tensor([sum(float(ratio[x] / ratio[z] > gamma) for z in population.tolist()) / len(population)
+                             for x in range(3)])
+
+    for gamma in (1.0, 0.7, 2.0):  # gamma = 1: an example of the population never dominates itself
+        assert torch.equal(mia.rmia_scores(shadow, target, population, gamma=gamma), by_hand(probs.mean(0), gamma))
+    out = ~shadow.keep
+    p_out = (probs * out).sum(0) / out.sum(0)
+    for a in (0.0, 0.3, 1.0):
+        expected = by_hand(0.5 * ((1 + a) * p_out + (1 - a)), 1.0)
+        assert torch.equal(mia.rmia_scores(shadow, target, population, offline_a=a), expected)
+
+
+def test_rmia_offline_needs_an_out_model_for_every_example():
+    shadow, target = _tiny_shadow()
+    keep = shadow.keep.clone()
+    keep[:, 1] = True
+    with pytest.raises(ValueError, match="offline RMIA needs at least one OUT reference model"):
+        mia.rmia_scores(mia.ShadowSignals(shadow.logits, keep, shadow.labels), target, torch.tensor([0]), offline_a=0.5)
+
+
+def test_shokri_attack_is_a_logistic_regression_on_sorted_probabilities():
+    from sklearn.linear_model import LogisticRegression
+
+    shadow, target, _ = _synthetic_shadow(n_models=4, n=60, shift=2.0)
+    logits = torch.cat([shadow.logits, torch.randn(4, 60, 1, generator=torch.Generator().manual_seed(0))], -1)
+    shadow = mia.ShadowSignals(logits, shadow.keep, shadow.labels)  # 3 classes: the sort order matters
+    target = torch.cat([target, torch.zeros(60, 1)], -1)
+
+    def features(z):
+        p = torch.softmax(z, -1)
+        true = p[..., torch.arange(60), shadow.labels] if p.ndim == 3 else p[torch.arange(60), shadow.labels]
+        return torch.cat([p.sort(-1, descending=True).values, true.log().unsqueeze(-1)], -1)
+
+    attack = LogisticRegression(max_iter=2000, random_state=0).fit(features(logits).reshape(-1, 4).numpy(),
+                                                                    shadow.keep.reshape(-1).numpy())
+    expected = torch.tensor(attack.predict_proba(features(target).numpy())[:, 1], dtype=torch.float32)
+    assert torch.allclose(mia.shokri_attack(shadow, target), expected, atol=1e-6)
+
+
+def test_modified_entropy_stays_finite_for_a_confident_wrong_prediction():
+    model = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, 0.0], [200.0, 0.0], [0.0, 0.0]]))
+    x, y = torch.tensor([[1.0, 0.0]]), torch.tensor([0])  # predicts class 1 with p = 1.0 in float32
+    score = mia.modified_entropy_scores(model, x, y)
+    assert torch.isfinite(score).all() and score.item() < -10  # very unlike a member, but a number
+
+
+def test_min_k_takes_at_least_one_token():
+    stats = [{"log_prob": torch.tensor([-1.0, -5.0, -2.0])}]
+    assert mia.min_k_scores(stats, k=0.1).item() == pytest.approx(-5.0)  # 10% of 3 tokens rounds to 0: take 1
+    assert mia.min_k_plus_plus_scores([{**stats[0], "mean": torch.zeros(3), "std": torch.ones(3)}], k=0.1).item() == \
+        pytest.approx(-5.0)
+
+
+def test_entropy_scores_sum_over_classes():
+    model = _fixed_classifier()
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.softmax(model(x), -1)
+    assert torch.allclose(mia.entropy_scores(model, x), (p * p.log()).sum(1), atol=1e-6)
