@@ -21,7 +21,8 @@ f-strings), ``raise`` statements, *argument-validation branches* (an ``if`` whos
 calls to ``check_*`` / ``_check_*`` helpers: the bad-input tests pin those down separately), decorators,
 default values and annotations. A mutant that unparses to the original source is dropped.
 
-How it runs fast: the parent process imports the heavy libraries once and ``fork``s a child per mutant; the
+How it runs fast: the parent process imports the heavy libraries (and pytest's auto-loaded plugins) once and
+``fork``s a child per mutant; the
 child installs an import hook that serves the mutated module from memory (nothing is written to disk), then
 runs ``pytest.main``. A baseline run with ``coverage`` (per-test contexts) records which tests execute each
 line; a mutant runs only the tests that execute its lines (ordered fastest first), and a mutant on a line no
@@ -230,7 +231,6 @@ class _ServeFromMemory(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def _child_prepare(root: Path, log: str) -> None:
     os.chdir(root)
     sys.path[:] = [str(root)] + [p for p in sys.path if Path(p or ".").resolve() not in (REPO, root.resolve())]
-    sys.dont_write_bytecode = True
     try:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     except OSError:  # the log folder vanished: run anyway (a failure to log is not a killed mutant)
@@ -346,6 +346,14 @@ def _preload() -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from transformers import LlamaForCausalLM, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: F401
+    import faker  # noqa: F401 - companion.data's names; slow to import (it scans its locales)
+    from importlib.metadata import entry_points
+
+    for plugin in entry_points(group="pytest11"):  # pytest's auto-loaded plugins (faker's, anyio's, ...)
+        try:
+            plugin.load()
+        except Exception:  # noqa: BLE001 - a plugin that cannot load here is pytest's business
+            pass
 
 
 def mutate_module(root: Path, module: str, sample: int | None, seed: int, logs: Path,
