@@ -267,3 +267,28 @@ def test_masks_reject_nan_scores():
         pruning.row_mask(torch.full((2, 4), float("nan")), 0.5)
     with pytest.raises(ValueError, match="scores must be finite"):
         pruning.layer_mask(torch.full((2, 4), float("nan")), 0.5)
+
+
+# --------------------------------------------------------------------------- direct tests (issue 10)
+
+
+def test_is_prunable_means_linear_or_gpt2_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    class MyLinear(nn.Linear):
+        pass
+
+    class Conv1DLookalike(nn.Module):  # GPT-2's class name, but not its layer (no `nf`)
+        pass
+
+    Conv1DLookalike.__name__ = "Conv1D"
+    assert pruning.is_prunable(nn.Linear(3, 2)) and pruning.is_prunable(MyLinear(3, 2))
+    assert pruning.is_prunable(Conv1D(4, 3))
+    for module in (nn.Embedding(5, 3), nn.LayerNorm(3), nn.Conv1d(3, 3, 1), nn.Sequential(nn.Linear(3, 2)),
+                   Conv1DLookalike()):
+        assert not pruning.is_prunable(module), type(module).__name__
+    block = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(Conv1D(2, 4)), nn.LayerNorm(2))
+    assert list(pruning.block_layers(block)) == ["0", "2.0"]
+    assert pruning.weight_matrix(block[2][0]).shape == (2, 4)  # [out, in], a view of Conv1D's [in, out]
+    with pytest.raises(TypeError, match="layer must be an nn.Linear or a GPT-2 Conv1D, got LayerNorm"):
+        pruning.weight_matrix(block[3])
