@@ -480,3 +480,63 @@ def test_generate_and_filter_check_their_token_ids(tiny_lm):
         gcg.retokenization_filter(tok, torch.zeros(1, 2))
     with pytest.raises(TypeError, match="before_ids must be None or a list of token ids"):
         gcg.retokenization_filter(tok, torch.tensor([[5, 6]]), before_ids=3)
+
+
+# --------------------------------------------------------------------------- mutation survivors (issue 10)
+
+
+def test_fluency_term_is_the_suffix_nll_given_the_prefix(tiny_lm):
+    model, tok = tiny_lm
+    suffix = gcg.init_suffix_ids(tok, " the the the")
+    prompt = gcg.build_prompt(tok, REQUEST, TARGET)
+    ids = prompt.ids(suffix)
+    sl = prompt.slices(len(suffix))
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=ids[None]).logits[0], -1)
+    target_nll = -log_probs[sl["loss"]].gather(-1, ids[sl["target"], None]).mean()
+    # the suffix tokens are predicted by the positions just before them (the last prefix token first)
+    before_suffix = slice(sl["suffix"].start - 1, sl["suffix"].stop - 1)
+    suffix_nll = -log_probs[before_suffix].gather(-1, ids[sl["suffix"], None]).mean()
+    config = gcg.GCGConfig(fluency_weight=0.5)
+    got = gcg.candidate_losses(model, tok, REQUEST, TARGET, torch.tensor([suffix]), config)
+    assert got.item() == pytest.approx((target_nll + 0.5 * suffix_nll).item(), abs=1e-5)
+    # the gradient pass (one-hot suffix) computes the same loss
+    scorer = gcg._Scorer(model, prompt, config)
+    assert scorer.gradient(torch.tensor(suffix))[1] == pytest.approx(got.item(), abs=1e-5)
+
+
+def test_candidates_use_every_rank_of_the_top_k(tiny_lm):
+    model, tok = tiny_lm
+    vocab = model.get_input_embeddings().weight.shape[0]
+    suffix = torch.tensor(gcg.init_suffix_ids(tok, " the the the the"))
+    grad = torch.randn(len(suffix), vocab, generator=torch.Generator().manual_seed(1))
+    cands = gcg.sample_candidates(suffix, grad, 200, 3, 1, None, torch.Generator().manual_seed(0))
+    top = (-grad).topk(3, dim=1).indices
+    ranks = set()
+    for row in cands:
+        (position,) = (row != suffix).nonzero().squeeze(1).tolist() or [None]
+        if position is not None:
+            ranks.add(top[position].tolist().index(row[position].item()))
+    assert ranks == {0, 1, 2}  # the best token of a position is a candidate too
+    positions = {int((row != suffix).nonzero()[0]) for row in cands if (row != suffix).any()}
+    assert positions == set(range(len(suffix)))  # and every position gets swapped
+
+
+def test_random_search_counts_its_forward_passes(tiny_lm):
+    model, tok = tiny_lm
+    result = gcg.random_search(model, tok, REQUEST, TARGET, _fast(num_steps=3, filter_ids=False, early_stop=False),
+                               n_change=2)
+    assert result.forward_passes == 1 + 3 * 16 and result.n_prompts == [1, 1, 1]
+    assert len(result.losses) == len(result.strings) == len(result.seconds) == 3
+    assert result.best_string == result.strings[-1] == tok.decode(result.best_ids)
+
+
+def test_perturbations_reach_every_position():
+    # insertion points include the end, and a patch may start at the last position that fits
+    # ("é" is not printable ASCII, so no inserted character can be mistaken for it)
+    assert {gcg.perturb("é", 1.0, "insert", random.Random(s))[0] == "é" for s in range(40)} == {True, False}
+    starts = set()
+    for s in range(40):
+        patched = gcg.perturb("abcd", 0.25, "patch", random.Random(s))
+        starts |= {i for i, (a, b) in enumerate(zip("abcd", patched)) if a != b}
+    assert starts == {0, 1, 2, 3}
