@@ -476,3 +476,22 @@ def test_entropy_scores_sum_over_classes():
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     p = torch.softmax(model(x), -1)
     assert torch.allclose(mia.entropy_scores(model, x), (p * p.log()).sum(1), atol=1e-6)
+
+
+def test_offline_rmia_averages_each_examples_own_out_models():
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(5, 8, 3, generator=g) * 2
+    keep = torch.rand(5, 8, generator=g) < 0.5
+    keep[0] = False  # every example has at least one OUT model; their numbers differ from example to example
+    labels = torch.randint(0, 3, (8,), generator=g)
+    shadow = mia.ShadowSignals(logits, keep, labels)
+    target = torch.randn(8, 3, generator=g) * 2
+    assert len(set((~keep).sum(0).tolist())) > 1
+    probs = torch.softmax(logits, -1)[:, torch.arange(8), labels]
+    p_target = torch.softmax(target, -1)[torch.arange(8), labels]
+    population = torch.arange(8)
+    for a in (0.0, 0.5):
+        p_out = torch.stack([probs[~keep[:, n], n].mean() for n in range(8)])
+        ratio = p_target / (0.5 * ((1 + a) * p_out + (1 - a)))
+        expected = (ratio[:, None] / ratio[None, :] > 1.0).float().mean(1)
+        assert torch.equal(mia.rmia_scores(shadow, target, population, offline_a=a), expected)
