@@ -19,7 +19,8 @@ def _isolated_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("companion-cache")
     old = os.environ.get("COMPANION_CACHE")
     os.environ["COMPANION_CACHE"] = str(path)
-    torch.set_num_threads(2)
+    # 2 threads, the reference machine's, unless $COMPANION_THREADS says otherwise (a shared machine)
+    torch.set_num_threads(int(os.environ.get("COMPANION_THREADS", "2")))
     yield path
     if old is None:
         os.environ.pop("COMPANION_CACHE", None)

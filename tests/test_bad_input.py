@@ -14,6 +14,8 @@ import signal
 import numpy as np
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (imported here, not under the 5 s alarm: a half-imported
+import torch.func  # noqa: F401   module would break every later torch.func test)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

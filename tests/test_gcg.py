@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
+import string
 
 import pytest
 import torch
 
-from companion import defences, gcg, generation
+from companion import defences, gcg, generation, metrics
 
 REQUEST = "What is the pet of Ada?"
 TARGET = "Sure, the pet is"
@@ -126,7 +128,19 @@ def test_mellowmax_lies_between_mean_and_max(tiny_lm):
     mean = gcg.candidate_losses(model, tok, REQUEST, TARGET, cand).item()
     mellow = gcg.candidate_losses(model, tok, REQUEST, TARGET, cand,
                                   gcg.GCGConfig(use_mellowmax=True, mellowmax_alpha=2.0)).item()
-    assert mellow >= mean - 1e-6
+    # the per-token NLLs of the target, directly
+    prompt = gcg.build_prompt(tok, REQUEST, TARGET)
+    ids = prompt.ids(cand[0])
+    sl = prompt.slices(cand.shape[1])
+    with torch.no_grad():
+        logits = model(input_ids=ids[None]).logits[0]
+    nll = torch.nn.functional.cross_entropy(logits[sl["loss"]], ids[sl["target"]], reduction="none")
+    assert mean == pytest.approx(nll.mean().item(), abs=1e-5)
+    assert nll.max() - nll.min() > 0.1  # distinct token losses, so both bounds below are strict
+    assert nll.mean().item() + 1e-4 < mellow < nll.max().item() - 1e-4
+    # mellowmax_alpha(x) = (logsumexp(alpha * x) - log n) / alpha (Asadi & Littman 2017)
+    expected = (torch.logsumexp(2.0 * nll, 0) - math.log(len(nll))) / 2.0
+    assert mellow == pytest.approx(expected.item(), abs=1e-5)
 
 
 # --- candidates and filters ------------------------------------------------------------------
@@ -223,11 +237,31 @@ def test_random_search_never_gets_worse(tiny_lm):
     assert result.best_loss == result.losses[-1]
 
 
+def _greedy_first_token(model, tok, request):
+    prompt = gcg.build_prompt(tok, request, "x")
+    suffix = gcg.init_suffix_ids(tok, " the the the the")
+    with torch.no_grad():
+        logits = model(input_ids=prompt.prompt_ids(suffix)[None]).logits[0, -1]
+    return tok.decode([int(logits.argmax())])
+
+
 def test_universal_gcg_adds_prompts_progressively(tiny_lm):
     model, tok = tiny_lm
-    behaviours = [(REQUEST, "the"), ("Where does Bob live?", "Sure, the city is")]
-    result = gcg.universal_gcg(model, tok, behaviours, _fast(num_steps=3))
-    assert result.n_prompts[0] in (1, 2) and result.n_prompts == sorted(result.n_prompts)
+    # the first target is what greedy decoding already says, so the first request succeeds at once and
+    # the progressive attack must move on to the second one
+    behaviours = [(REQUEST, _greedy_first_token(model, tok, REQUEST)), ("Where does Bob live?", "Sure, the city is")]
+    config = _fast(num_steps=3, early_stop=False)
+    result = gcg.universal_gcg(model, tok, behaviours, config)
+    assert result.n_prompts[0] == 1 and result.n_prompts[-1] == 2 and result.n_prompts == sorted(result.n_prompts)
+    # the rule, step by step: a request is added exactly after a step whose suffix makes greedy decoding
+    # start with every active target
+    scorers = [gcg._Scorer(model, gcg.build_prompt(tok, m, t), config) for m, t in behaviours]
+    for step in range(len(result.n_prompts) - 1):
+        active = result.n_prompts[step]
+        ids = torch.tensor(tok(result.strings[step], add_special_tokens=False)["input_ids"])
+        succeeded = all(bool(s.losses(ids[None])[1][0]) for s in scorers[:active])
+        assert result.n_prompts[step + 1] == active + (succeeded and active < len(behaviours)), step
+    assert result.success_step is None or result.n_prompts[result.success_step] == 2
     together = gcg.universal_gcg(model, tok, behaviours, _fast(num_steps=2), progressive=False)
     assert together.n_prompts == [2, 2]
     expected = torch.stack([gcg.candidate_losses(model, tok, m, t, torch.tensor([together.best_ids]))
@@ -253,21 +287,46 @@ def test_perplexity_filter(tiny_lm):
     windowed = ppl.scores(texts)
     whole = defences.PerplexityFilter(model, tok, window_size=10_000).scores(texts)
     assert (windowed >= whole - 1e-6).all()  # the worst window is at least the average
+    # the windowed score by hand: the largest mean NLL over windows of 3 consecutive predicted tokens
+    for text, score in zip(texts, windowed):
+        nll = -metrics.token_log_probs(model, tok, [text])[0]["log_prob"]
+        assert score.item() == pytest.approx(max(nll[i: i + 3].mean().item() for i in range(len(nll) - 2)), abs=1e-5)
+    assert whole[0].item() == pytest.approx(metrics.mean_token_loss(model, tok, texts[:1])[0].item(), abs=1e-5)
     threshold = ppl.fit(texts)
     assert threshold == pytest.approx(windowed.max().item())
-    assert ppl.flags(texts) == [False, False]
+    assert ppl.flags(texts) == [False, False]  # a prompt exactly at the threshold passes
+    assert ppl.fit(texts, quantile=0.5) == pytest.approx(torch.quantile(windowed, 0.5).item())
+    low, high = sorted(windowed.tolist())
+    assert high - low > 1e-3
+    between = defences.PerplexityFilter(model, tok, window_size=3, threshold=(low + high) / 2)
+    assert between.flags(texts) == [w > (low + high) / 2 for w in windowed.tolist()]
+    assert sorted(between.flags(texts)) == [False, True]  # the more surprising prompt is rejected
     with pytest.raises(ValueError, match="threshold"):
         defences.PerplexityFilter(model, tok).flags(texts)
 
 
+def _is_subsequence(short: str, long: str) -> bool:
+    rest = iter(long)
+    return all(c in rest for c in short)
+
+
 def test_perturbations():
     text = "What is the vault code of Ada Lovelace? x x x x"
+    k = int(len(text) * 0.2)
     swapped = defences.perturb(text, 0.2, "swap", random.Random(0))
-    assert len(swapped) == len(text) and sum(a != b for a, b in zip(text, swapped)) <= int(len(text) * 0.2)
-    assert len(defences.perturb(text, 0.2, "insert", random.Random(0))) == len(text) + int(len(text) * 0.2)
+    changed = [i for i, (a, b) in enumerate(zip(text, swapped)) if a != b]
+    assert len(swapped) == len(text) and 0 < len(changed) <= k  # a swap may draw the same character
+    inserted = defences.perturb(text, 0.2, "insert", random.Random(0))
+    assert len(inserted) == len(text) + k and _is_subsequence(text, inserted)
     patched = defences.perturb(text, 0.2, "patch", random.Random(0))
-    assert len(patched) == len(text)
+    changed = [i for i, (a, b) in enumerate(zip(text, patched)) if a != b]
+    assert len(patched) == len(text) and changed and changed[-1] - changed[0] < k  # one contiguous patch
     assert defences.perturb(text, 0.0) == text
+    assert all(defences.perturb(text, 0.0, kind) == text for kind in ("swap", "insert", "patch"))
+    assert defences.perturb(text, 0.2, "swap") == defences.perturb(text, 0.2, "swap", random.Random(0))  # seeded default
+    assert defences.perturb(text, 0.2, "swap", random.Random(1)) != swapped
+    every = defences.perturb("abcdefghij", 1.0, "patch", random.Random(0))
+    assert len(every) == 10 and all(c in string.printable for c in every)
 
 
 def test_smooth_llm_votes(tiny_lm):
@@ -275,6 +334,30 @@ def test_smooth_llm_votes(tiny_lm):
     result = defences.smooth_llm(model, tok, REQUEST, n_copies=3, q=0.1, max_new_tokens=3)
     assert result.generations == 3 and result.fraction in (0, 1 / 3, 2 / 3, 1)
     assert result.jailbroken == (result.fraction > 0.5)
+
+
+@pytest.mark.parametrize("replies, jailbroken, fraction", [
+    (["I cannot help.", "Sure: 1 2 3 4", "Sorry, no."], False, 1 / 3),
+    (["Sure: 1 2 3 4", "I cannot help.", "Here it is: 1 2"], True, 2 / 3),
+    (["Sure: 1 2 3 4", "I cannot help.", "Here: 9", "I'm sorry"], False, 1 / 2),  # a tie is not a majority
+])
+def test_smooth_llm_takes_the_majority_vote(tiny_lm, monkeypatch, replies, jailbroken, fraction):
+    model, tok = tiny_lm
+    seen = []
+
+    def fake_generate_batch(model_, tokenizer_, prompts, max_new_tokens):
+        seen.append((prompts, max_new_tokens))
+        return list(replies)
+
+    monkeypatch.setattr(defences, "generate_batch", fake_generate_batch)
+    result = defences.smooth_llm(model, tok, REQUEST, n_copies=len(replies), q=0.1, seed=4, max_new_tokens=5)
+    assert (result.jailbroken, result.fraction, result.generations) == (jailbroken, pytest.approx(fraction), len(replies))
+    votes = generation.attack_success(replies, "refusal")
+    assert result.response == replies[votes.index(jailbroken)]  # the first reply that agrees with the vote
+    prompts, max_new_tokens = seen[0]
+    rng = random.Random(4)
+    assert max_new_tokens == 5 and prompts == [generation.chat_prompt_ids(tok, defences.perturb(REQUEST, 0.1, "swap", rng))
+                                               for _ in replies]
 
 
 # --- bad inputs ------------------------------------------------------------------------------
@@ -400,3 +483,63 @@ def test_generate_and_filter_check_their_token_ids(tiny_lm):
         gcg.retokenization_filter(tok, torch.zeros(1, 2))
     with pytest.raises(TypeError, match="before_ids must be None or a list of token ids"):
         gcg.retokenization_filter(tok, torch.tensor([[5, 6]]), before_ids=3)
+
+
+# --------------------------------------------------------------------------- mutation survivors (issue 10)
+
+
+def test_fluency_term_is_the_suffix_nll_given_the_prefix(tiny_lm):
+    model, tok = tiny_lm
+    suffix = gcg.init_suffix_ids(tok, " the the the")
+    prompt = gcg.build_prompt(tok, REQUEST, TARGET)
+    ids = prompt.ids(suffix)
+    sl = prompt.slices(len(suffix))
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=ids[None]).logits[0], -1)
+    target_nll = -log_probs[sl["loss"]].gather(-1, ids[sl["target"], None]).mean()
+    # the suffix tokens are predicted by the positions just before them (the last prefix token first)
+    before_suffix = slice(sl["suffix"].start - 1, sl["suffix"].stop - 1)
+    suffix_nll = -log_probs[before_suffix].gather(-1, ids[sl["suffix"], None]).mean()
+    config = gcg.GCGConfig(fluency_weight=0.5)
+    got = gcg.candidate_losses(model, tok, REQUEST, TARGET, torch.tensor([suffix]), config)
+    assert got.item() == pytest.approx((target_nll + 0.5 * suffix_nll).item(), abs=1e-5)
+    # the gradient pass (one-hot suffix) computes the same loss
+    scorer = gcg._Scorer(model, prompt, config)
+    assert scorer.gradient(torch.tensor(suffix))[1] == pytest.approx(got.item(), abs=1e-5)
+
+
+def test_candidates_use_every_rank_of_the_top_k(tiny_lm):
+    model, tok = tiny_lm
+    vocab = model.get_input_embeddings().weight.shape[0]
+    suffix = torch.tensor(gcg.init_suffix_ids(tok, " the the the the"))
+    grad = torch.randn(len(suffix), vocab, generator=torch.Generator().manual_seed(1))
+    cands = gcg.sample_candidates(suffix, grad, 200, 3, 1, None, torch.Generator().manual_seed(0))
+    top = (-grad).topk(3, dim=1).indices
+    ranks = set()
+    for row in cands:
+        (position,) = (row != suffix).nonzero().squeeze(1).tolist() or [None]
+        if position is not None:
+            ranks.add(top[position].tolist().index(row[position].item()))
+    assert ranks == {0, 1, 2}  # the best token of a position is a candidate too
+    positions = {int((row != suffix).nonzero()[0]) for row in cands if (row != suffix).any()}
+    assert positions == set(range(len(suffix)))  # and every position gets swapped
+
+
+def test_random_search_counts_its_forward_passes(tiny_lm):
+    model, tok = tiny_lm
+    result = gcg.random_search(model, tok, REQUEST, TARGET, _fast(num_steps=3, filter_ids=False, early_stop=False),
+                               n_change=2)
+    assert result.forward_passes == 1 + 3 * 16 and result.n_prompts == [1, 1, 1]
+    assert len(result.losses) == len(result.strings) == len(result.seconds) == 3
+    assert result.best_string == result.strings[-1] == tok.decode(result.best_ids)
+
+
+def test_perturbations_reach_every_position():
+    # insertion points include the end, and a patch may start at the last position that fits
+    # ("é" is not printable ASCII, so no inserted character can be mistaken for it)
+    assert {defences.perturb("é", 1.0, "insert", random.Random(s))[0] == "é" for s in range(40)} == {True, False}
+    starts = set()
+    for s in range(40):
+        patched = defences.perturb("abcd", 0.25, "patch", random.Random(s))
+        starts |= {i for i, (a, b) in enumerate(zip("abcd", patched)) if a != b}
+    assert starts == {0, 1, 2, 3}

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -157,6 +158,11 @@ def test_sequence_nll_masks_padding_and_matches_manual(tiny_lm):
     assert ppl == pytest.approx(math.exp(nll.sum().item() / count.sum().item()))
     losses = metrics.mean_token_loss(model, tok, texts)
     assert losses.shape == (2,)
+    # the mean NLL per predicted token of each text, not the sum, nor over the whole batch
+    assert losses.tolist() == pytest.approx((nll / count).tolist(), rel=1e-6)
+    assert losses[0].item() == pytest.approx(manual / (ids.shape[1] - 1), rel=1e-5)
+    assert losses[1].item() == pytest.approx(-metrics.token_log_probs(model, tok, texts[1:])[0]["log_prob"].mean().item(),
+                                             rel=1e-5)
 
 
 def test_sequence_nll_bad_inputs(tiny_lm):
@@ -200,6 +206,18 @@ def test_lm_losses_reject_a_tokenizer_larger_than_the_model(small_tokenizer):
     small = build_lm(recipe, len(small_tokenizer) - 10, {})
     with pytest.raises(ValueError, match="tokenizer does not match model"):
         metrics.mean_token_loss(small, small_tokenizer, ["a b"])
+
+
+@pytest.mark.parametrize("successes, trials", [(0, 7), (1, 7), (3, 30), (6, 7), (7, 7), (1, 1), (50, 100)])
+@pytest.mark.parametrize("confidence", [0.95, 0.8])
+def test_rate_intervals_equal_scipys(successes, trials, confidence):
+    from scipy import stats
+
+    test = stats.binomtest(successes, trials)
+    for method, scipy_method in (("wilson", "wilson"), ("clopper-pearson", "exact")):
+        expected = test.proportion_ci(confidence_level=confidence, method=scipy_method)
+        got = metrics.rate_interval(successes, trials, confidence=confidence, method=method)
+        assert got == pytest.approx((expected.low, expected.high), abs=1e-9), method
 
 
 def test_rate_intervals_match_textbook_values():
@@ -261,3 +279,101 @@ def test_long_texts_are_scored_in_windows_within_the_trained_context(tiny_lm):
     assert metrics.perplexity(model, tok, [long_text], stride=8) != metrics.perplexity(model, tok, [long_text], stride=32)
     with pytest.raises(ValueError, match="stride must be <= 63"):
         metrics.perplexity(model, tok, [long_text], stride=64)
+
+
+# --------------------------------------------------------------------------- direct tests (issue 10)
+
+TEXTS = ["Ann keeps a cat.", "A much longer text about a person who lives in a small town.", "Bob bakes."]
+
+
+def test_log_prob_batches_yields_right_padded_batches(tiny_lm):
+    model, tok = tiny_lm
+    batches = list(metrics.log_prob_batches(model, tok, TEXTS, batch_size=2))
+    assert [len(b[0]) for b in batches] == [2, 1]  # batches of batch_size texts, in order
+    lengths = [len(tok(t)["input_ids"]) for t in TEXTS]
+    for (log_probs, target, mask, rows), chunk in zip(batches, (lengths[:2], lengths[2:])):
+        width = max(chunk)
+        assert log_probs.shape == (len(chunk), width - 1, len(tok)) and target.shape == mask.shape == (len(chunk), width - 1)
+        assert log_probs.dtype == torch.float32
+        # normalised next-token distributions
+        assert torch.allclose(log_probs.logsumexp(-1), torch.zeros(len(chunk), width - 1), atol=1e-5)
+        # the mask marks exactly the predicted real tokens: positions 1 .. length-1 of each text
+        assert mask.tolist() == [[1] * (n - 1) + [0] * (width - n) for n in chunk]
+    # each real token's log-probability equals that of the text alone (padding never changes it), and it
+    # is the log-probability of the actual next token
+    for i, text in enumerate(TEXTS):
+        log_probs, target, mask, rows = batches[i // 2]
+        assert rows.tolist() == [0, 1, 2][2 * (i // 2): 2 * (i // 2) + 2]
+        row = i % 2
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            alone = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        n = lengths[i] - 1
+        assert torch.allclose(log_probs[row, :n], alone, atol=1e-5)
+        assert torch.allclose(target[row, :n], alone.gather(-1, ids[0, 1:, None]).squeeze(-1), atol=1e-5)
+    # the padded positions hold the pad token (so the "targets" there are log p(pad))
+    log_probs, target, mask, _ = batches[0]
+    padded = mask[0] == 0
+    assert padded.any()
+    assert torch.equal(target[0, padded], log_probs[0, padded, tok.pad_token_id])
+
+
+def test_log_prob_batches_pads_with_eos_without_a_pad_token(tiny_lm):
+    model, tok = tiny_lm
+    tok = copy.deepcopy(tok)
+    tok.pad_token = None
+    assert tok.pad_token_id is None and tok.eos_token_id is not None
+    log_probs, target, mask, _ = next(metrics.log_prob_batches(model, tok, TEXTS[:2]))
+    padded = mask[0] == 0
+    assert torch.equal(target[0, padded], log_probs[0, padded, tok.eos_token_id])
+    tok.eos_token = None
+    with pytest.raises(ValueError, match="tokenizer must define a pad_token or an eos_token"):
+        metrics.log_prob_batches(model, tok, TEXTS)
+
+
+def test_log_prob_batches_checks_at_the_call(tiny_lm):
+    model, tok = tiny_lm
+    with pytest.raises(TypeError, match="texts must be a non-empty list of str"):
+        metrics.log_prob_batches(model, tok, [])  # a generator that fails before the first next()
+    with pytest.raises(TypeError, match="model must be a Hugging Face causal LM"):
+        metrics.log_prob_batches(None, tok, TEXTS)
+
+
+def test_token_log_probs_moments_are_the_vocabulary_mean_and_std(tiny_lm):
+    model, tok = tiny_lm
+    stats = metrics.token_log_probs(model, tok, TEXTS, batch_size=2, moments=True)
+    assert len(stats) == 3
+    for entry, text in zip(stats, TEXTS):
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            log_p = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        p = log_p.exp()
+        mean = (p * log_p).sum(-1)
+        std = (p * (log_p - mean[:, None]) ** 2).sum(-1).sqrt()
+        assert set(entry) == {"log_prob", "mean", "std"}
+        assert torch.allclose(entry["log_prob"], log_p.gather(-1, ids[0, 1:, None]).squeeze(-1), atol=1e-5)
+        assert torch.allclose(entry["mean"], mean, atol=1e-4) and torch.allclose(entry["std"], std, atol=1e-3)
+    assert set(metrics.token_log_probs(model, tok, TEXTS[:1])[0]) == {"log_prob"}
+
+
+def test_attack_success_rate_counts_successes():
+    quarter = metrics.attack_success_rate([1, 0, 0, 0])
+    assert (quarter.successes, quarter.trials, float(quarter)) == (1, 4, 0.25) and quarter.low < 0.25 < quarter.high
+    assert float(metrics.attack_success_rate(np.array([True, True]))) == 1.0
+
+
+def test_advantage_and_tpr_are_maxima_over_thresholds():
+    labels = [1, 1, 0, 1, 0, 0]
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.1]
+    fpr, tpr, _ = metrics.roc_curve(labels, scores)
+    assert metrics.advantage(labels, scores) == pytest.approx(float(np.max(tpr - fpr)))
+    assert metrics.advantage(labels, scores) == pytest.approx(2 / 3)
+    assert metrics.tpr_at_fpr(labels, scores, 0.3) == pytest.approx(2 / 3)  # FPR exactly 1/3 is not allowed
+    assert metrics.tpr_at_fpr(labels, scores, 1 / 3) == pytest.approx(1.0)  # ... but 1/3 itself is
+
+
+def test_perplexity_is_exp_of_the_mean_token_loss_over_the_corpus(tiny_lm):
+    model, tok = tiny_lm
+    nll, count = metrics.sequence_nll(model, tok, TEXTS)
+    assert metrics.perplexity(model, tok, TEXTS, batch_size=1) == pytest.approx(
+        math.exp(nll.sum().item() / count.sum().item()), rel=1e-5)

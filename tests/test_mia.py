@@ -203,8 +203,17 @@ def test_vectorised_shadow_training_matches_the_loop():
     fast = mia.train_shadow_models(_small_mlp, x, y, keep, epochs=4, batch_size=32, lr=3e-3, seed=1)
     slow = mia.train_shadow_models(_small_mlp, x, y, keep, epochs=4, batch_size=32, lr=3e-3, seed=1, vectorized=False)
     assert torch.allclose(fast.logits, slow.logits, atol=1e-4)
-    untrained = torch.stack([_small_mlp()(x) for _ in range(1)])
-    assert not torch.allclose(fast.logits[0], untrained[0], atol=1e-2)
+    # The models the trainer starts from (it seeds torch with `seed`, then calls make_model K times): a
+    # trainer whose updates never reach the parameters (an lr of 0, updates written to a copy) returns
+    # exactly these logits, so compare with them, not with some other random initialisation.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        untrained = torch.stack([model(x) for model in [_small_mlp() for _ in range(3)]])
+    for k in range(3):
+        own = keep[k]
+        before = nn.functional.cross_entropy(untrained[k][own], y[own])
+        after = nn.functional.cross_entropy(fast.logits[k][own], y[own])
+        assert after < 0.95 * before, (k, before, after)  # each model began to fit its own half (15 steps)
 
 
 def test_shadow_models_fit_their_own_halves():
@@ -382,3 +391,183 @@ def test_pooled_leave_one_out_bad_inputs(kwargs, error, message):
     args = {"signals": shadow, "attacks": _toy_attack} | kwargs
     with pytest.raises(error, match=message):
         mia.pooled_leave_one_out(**args)
+
+
+# --------------------------------------------------------------------------- direct tests (issue 10)
+
+
+def _shadow_setup_args(**overrides):
+    x, _ = _digits_subset(40)
+    keep = torch.zeros(2, 40, dtype=torch.bool)
+    keep[0, :8] = True  # exactly batch_size examples: allowed
+    keep[1, 8:30] = True
+    args = {"make_model": _small_mlp, "x": x, "keep": keep, "batch_size": 8, "epochs": 1, "lr": 1e-3, "seed": 0,
+            "vectorized": True}
+    return args | overrides
+
+
+def test_check_shadow_setup_accepts_a_valid_setup():
+    assert mia.check_shadow_setup(**_shadow_setup_args()) is None
+    assert mia.check_shadow_setup(**_shadow_setup_args(vectorized=False, seed=3, epochs=2)) is None
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    ({"make_model": _small_mlp()}, TypeError, "make_model must be a function returning a fresh nn.Module"),
+    ({"make_model": 3}, TypeError, "make_model must be a function"),
+    ({"x": torch.zeros(40, 64, dtype=torch.long)}, TypeError, "x must be a floating-point tensor"),
+    ({"x": torch.full((40, 64), float("nan"))}, ValueError, "x must be finite"),
+    ({"x": torch.zeros(0, 64)}, ValueError, "x must not be empty"),
+    ({"epochs": 0}, ValueError, "epochs must be >= 1"),
+    ({"lr": 0.0}, ValueError, "lr must be > 0"),
+    ({"lr": float("nan")}, ValueError, "lr must be a finite number"),
+    ({"seed": -1}, ValueError, "seed must be >= 0"),
+    ({"vectorized": 1}, TypeError, "vectorized must be a bool"),
+    ({"keep": torch.ones(2, 40, dtype=torch.int64)}, ValueError, r"keep must be a bool tensor \[n_models, 40\]"),
+    ({"keep": torch.ones(40, dtype=torch.bool)}, ValueError, "keep must be a bool tensor"),
+    ({"keep": torch.ones(2, 39, dtype=torch.bool)}, ValueError, "keep must be a bool tensor"),
+    ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+    ({"batch_size": 9}, ValueError, "every model needs at least batch_size=9 training examples, got as few as 8"),
+])
+def test_check_shadow_setup_names_the_bad_argument(overrides, error, message):
+    with pytest.raises(error, match=message):
+        mia.check_shadow_setup(**_shadow_setup_args(**overrides))
+
+
+# --------------------------------------------------------------------------- hand-computed attacks (mutation survivors)
+
+
+def _tiny_shadow():
+    """4 models x 3 examples x 2 classes, every example IN 2 models and OUT of 2, distinct confidences."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 3, 2, generator=g) * 2
+    keep = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    labels = torch.tensor([0, 1, 0])
+    target = torch.randn(3, 2, generator=g) * 2
+    return mia.ShadowSignals(logits, keep, labels), target
+
+
+def test_lira_equals_its_gaussian_likelihood_ratio_by_hand():
+    shadow, target = _tiny_shadow()
+    phi = shadow.scaled_confidence()
+    observed = mia.scaled_confidence(target, shadow.labels)
+    online = mia.lira_scores(shadow, target)
+    offline = mia.lira_scores(shadow, target, online=False)
+    fixed = mia.lira_scores(shadow, target, fixed_variance=True)
+    std_in, std_out = [], []
+    for n in range(3):
+        ins, outs = phi[shadow.keep[:, n], n], phi[~shadow.keep[:, n], n]
+        std_in.append(ins.std()), std_out.append(outs.std())  # the unbiased (n - 1) standard deviation
+        normal_in, normal_out = torch.distributions.Normal(ins.mean(), ins.std()), torch.distributions.Normal(outs.mean(), outs.std())
+        expected = normal_in.log_prob(observed[n]) - normal_out.log_prob(observed[n])
+        assert online[n].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-4)
+        assert offline[n].item() == pytest.approx(math.log(normal_out.cdf(observed[n]).item()), rel=1e-4, abs=1e-4)
+    s_in, s_out = torch.stack(std_in).median(), torch.stack(std_out).median()
+    for n in range(3):
+        ins, outs = phi[shadow.keep[:, n], n], phi[~shadow.keep[:, n], n]
+        expected = (torch.distributions.Normal(ins.mean(), s_in).log_prob(observed[n])
+                    - torch.distributions.Normal(outs.mean(), s_out).log_prob(observed[n]))
+        assert fixed[n].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-4)
+
+
+def test_lira_needs_out_models_for_every_example():
+    shadow, target = _tiny_shadow()
+    keep = shadow.keep.clone()
+    keep[:, 0] = True  # example 0 is in every model: no OUT model to compare with
+    lopsided = mia.ShadowSignals(shadow.logits, keep, shadow.labels)
+    for kwargs in ({}, {"online": False}, {"fixed_variance": True}, {"online": False, "fixed_variance": True}):
+        with pytest.raises(ValueError, match="too few shadow models: every example needs at least"):
+            mia.lira_scores(lopsided, target, **kwargs)
+    keep[:, 0] = torch.tensor([True, True, True, False])  # one OUT model: enough for a fixed variance only
+    single = mia.ShadowSignals(shadow.logits, keep, shadow.labels)
+    assert torch.isfinite(mia.lira_scores(single, target, online=False, fixed_variance=True)).all()
+    with pytest.raises(ValueError, match="at least 2 OUT"):
+        mia.lira_scores(single, target, online=False)
+
+
+def test_rmia_equals_its_pairwise_ratio_by_hand():
+    shadow, target = _tiny_shadow()
+    probs = torch.softmax(shadow.logits, -1)[:, torch.arange(3), shadow.labels]  # [K, N] true-class probs
+    p_target = torch.softmax(target, -1)[torch.arange(3), shadow.labels]
+    population = torch.tensor([0, 2])
+
+    def by_hand(p_marginal, gamma):
+        ratio = p_target / p_marginal
+        return torch.tensor([sum(float(ratio[x] / ratio[z] > gamma) for z in population.tolist()) / len(population)
+                             for x in range(3)])
+
+    for gamma in (1.0, 0.7, 2.0):  # gamma = 1: an example of the population never dominates itself
+        assert torch.equal(mia.rmia_scores(shadow, target, population, gamma=gamma), by_hand(probs.mean(0), gamma))
+    out = ~shadow.keep
+    p_out = (probs * out).sum(0) / out.sum(0)
+    for a in (0.0, 0.3, 1.0):
+        expected = by_hand(0.5 * ((1 + a) * p_out + (1 - a)), 1.0)
+        assert torch.equal(mia.rmia_scores(shadow, target, population, offline_a=a), expected)
+
+
+def test_rmia_offline_needs_an_out_model_for_every_example():
+    shadow, target = _tiny_shadow()
+    keep = shadow.keep.clone()
+    keep[:, 1] = True
+    with pytest.raises(ValueError, match="offline RMIA needs at least one OUT reference model"):
+        mia.rmia_scores(mia.ShadowSignals(shadow.logits, keep, shadow.labels), target, torch.tensor([0]), offline_a=0.5)
+
+
+def test_shokri_attack_is_a_logistic_regression_on_sorted_probabilities():
+    from sklearn.linear_model import LogisticRegression
+
+    shadow, target, _ = _synthetic_shadow(n_models=4, n=60, shift=2.0)
+    logits = torch.cat([shadow.logits, torch.randn(4, 60, 1, generator=torch.Generator().manual_seed(0))], -1)
+    shadow = mia.ShadowSignals(logits, shadow.keep, shadow.labels)  # 3 classes: the sort order matters
+    target = torch.cat([target, torch.zeros(60, 1)], -1)
+
+    def features(z):
+        p = torch.softmax(z, -1)
+        true = p[..., torch.arange(60), shadow.labels] if p.ndim == 3 else p[torch.arange(60), shadow.labels]
+        return torch.cat([p.sort(-1, descending=True).values, true.log().unsqueeze(-1)], -1)
+
+    attack = LogisticRegression(max_iter=2000, random_state=0).fit(features(logits).reshape(-1, 4).numpy(),
+                                                                    shadow.keep.reshape(-1).numpy())
+    expected = torch.tensor(attack.predict_proba(features(target).numpy())[:, 1], dtype=torch.float32)
+    assert torch.allclose(mia.shokri_attack(shadow, target), expected, atol=1e-6)
+
+
+def test_modified_entropy_stays_finite_for_a_confident_wrong_prediction():
+    model = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, 0.0], [200.0, 0.0], [0.0, 0.0]]))
+    x, y = torch.tensor([[1.0, 0.0]]), torch.tensor([0])  # predicts class 1 with p = 1.0 in float32
+    score = mia.modified_entropy_scores(model, x, y)
+    assert torch.isfinite(score).all() and score.item() < -10  # very unlike a member, but a number
+
+
+def test_min_k_takes_at_least_one_token():
+    stats = [{"log_prob": torch.tensor([-1.0, -5.0, -2.0])}]
+    assert mia.min_k_scores(stats, k=0.1).item() == pytest.approx(-5.0)  # 10% of 3 tokens rounds to 0: take 1
+    assert mia.min_k_plus_plus_scores([{**stats[0], "mean": torch.zeros(3), "std": torch.ones(3)}], k=0.1).item() == \
+        pytest.approx(-5.0)
+
+
+def test_entropy_scores_sum_over_classes():
+    model = _fixed_classifier()
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.softmax(model(x), -1)
+    assert torch.allclose(mia.entropy_scores(model, x), (p * p.log()).sum(1), atol=1e-6)
+
+
+def test_offline_rmia_averages_each_examples_own_out_models():
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(5, 8, 3, generator=g) * 2
+    keep = torch.rand(5, 8, generator=g) < 0.5
+    keep[0] = False  # every example has at least one OUT model; their numbers differ from example to example
+    labels = torch.randint(0, 3, (8,), generator=g)
+    shadow = mia.ShadowSignals(logits, keep, labels)
+    target = torch.randn(8, 3, generator=g) * 2
+    assert len(set((~keep).sum(0).tolist())) > 1
+    probs = torch.softmax(logits, -1)[:, torch.arange(8), labels]
+    p_target = torch.softmax(target, -1)[torch.arange(8), labels]
+    population = torch.arange(8)
+    for a in (0.0, 0.5):
+        p_out = torch.stack([probs[~keep[:, n], n].mean() for n in range(8)])
+        ratio = p_target / (0.5 * ((1 + a) * p_out + (1 - a)))
+        expected = (ratio[:, None] / ratio[None, :] > 1.0).float().mean(1)
+        assert torch.equal(mia.rmia_scores(shadow, target, population, offline_a=a), expected)

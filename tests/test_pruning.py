@@ -323,3 +323,122 @@ def test_register_method_bad_inputs(kwargs, error, message, monkeypatch):
     monkeypatch.setattr(pruning, "METHODS", dict(pruning.METHODS))
     with pytest.raises(error, match=message):
         pruning.register_method(**kwargs)
+
+
+# --------------------------------------------------------------------------- direct tests (issue 10)
+
+
+def test_is_prunable_means_linear_or_gpt2_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    class MyLinear(nn.Linear):
+        pass
+
+    class Conv1DLookalike(nn.Module):  # GPT-2's class name, but not its layer (no `nf`)
+        pass
+
+    Conv1DLookalike.__name__ = "Conv1D"
+    assert pruning.is_prunable(nn.Linear(3, 2)) and pruning.is_prunable(MyLinear(3, 2))
+    assert pruning.is_prunable(Conv1D(4, 3))
+    for module in (nn.Embedding(5, 3), nn.LayerNorm(3), nn.Conv1d(3, 3, 1), nn.Sequential(nn.Linear(3, 2)),
+                   Conv1DLookalike()):
+        assert not pruning.is_prunable(module), type(module).__name__
+    block = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(Conv1D(2, 4)), nn.LayerNorm(2))
+    assert list(pruning.block_layers(block)) == ["0", "2.0"]
+    assert pruning.weight_matrix(block[2][0]).shape == (2, 4)  # [out, in], a view of Conv1D's [in, out]
+    with pytest.raises(TypeError, match="layer must be an nn.Linear or a GPT-2 Conv1D, got LayerNorm"):
+        pruning.weight_matrix(block[3])
+
+
+# --------------------------------------------------------------------------- mutation survivors (issue 10)
+
+
+def _sparsegpt_reference(W, H, sparsity, nm=None, blocksize=128, percdamp=0.01):
+    """SparseGPT's Algorithm 1 written plainly in float64: the inverse Hessian of the not-yet-processed
+    columns is recomputed for every column (no Cholesky trick), and updates are applied eagerly."""
+    W, H = W.double().clone(), H.double().clone()
+    columns = W.shape[1]
+    H += percdamp * torch.diag(H).mean() * torch.eye(columns, dtype=torch.float64)
+    inverses = [torch.linalg.inv(H[i:, i:]) for i in range(columns)]  # inverses[i][0] is row i of H_F^-1
+    d2 = torch.tensor([inverses[i][0, 0].item() for i in range(columns)])  # [H_F^-1]_00 per column
+    for start in range(0, columns, blocksize):
+        end = min(start + blocksize, columns)
+        mask = torch.zeros(W.shape[0], end - start, dtype=torch.bool)
+        if nm is None:
+            saliency = W[:, start:end] ** 2 / d2[start:end]
+            threshold = saliency.flatten().sort().values[int(saliency.numel() * sparsity)]
+            mask = saliency <= threshold
+        for i in range(start, end):
+            if nm is not None and (i - start) % nm[1] == 0:
+                group = W[:, i: i + nm[1]] ** 2 / d2[i: i + nm[1]]
+                mask[:, i - start: i - start + nm[1]] = ~pruning.nm_mask(group, *nm)
+            w = W[:, i].clone()
+            q = torch.where(mask[:, i - start], torch.zeros_like(w), w)
+            W[:, i:] -= ((w - q) / inverses[i][0, 0])[:, None] * inverses[i][0][None, :]
+            W[:, i] = q
+    return W
+
+
+@pytest.mark.parametrize("nm, blocksize", [(None, 128), (None, 16), ((2, 4), 128), ((2, 4), 8), ((1, 4), 16)])
+def test_sparsegpt_equals_a_plain_reference(nm, blocksize):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(256, 32, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, 32, dtype=torch.float64)
+    W = torch.randn(12, 32, generator=g, dtype=torch.float64)
+    H = X.t() @ X
+    got = pruning.sparsegpt_prune(W, H, 0.5, nm=nm, blocksize=blocksize)
+    expected = _sparsegpt_reference(W, H, 0.5, nm=nm, blocksize=blocksize)
+    assert got.dtype == torch.float64  # returned in the weight's dtype
+    assert torch.equal(got == 0, expected == 0)  # the same mask
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)  # the same compensating updates
+
+
+def test_sparsegpt_without_sparsity_changes_nothing_and_prunes_dead_inputs():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(100, 8, generator=g)
+    X[:, 3] = 0  # an input that is never active
+    W = torch.randn(4, 8, generator=g)
+    out = pruning.sparsegpt_prune(W, X.t() @ X, 0.0)
+    assert (out[:, 3] == 0).all()  # a weight on a dead input is free to prune
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[3] = False
+    assert torch.allclose(out[:, keep], W[:, keep], atol=1e-4)  # nothing else pruned or moved
+    assert torch.allclose(X @ out.t(), X @ W.t(), atol=1e-3)  # the layer's output is unchanged
+
+
+def test_row_mask_works_along_the_last_dimension_of_any_rank():
+    scores = torch.rand(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    keep = pruning.row_mask(scores, 0.25)
+    assert (keep.sum(-1) == 6).all()
+    kept_min = scores.masked_fill(~keep, float("inf")).amin(-1)
+    removed_max = scores.masked_fill(keep, -float("inf")).amax(-1)
+    assert (kept_min >= removed_max).all()  # the lowest quarter of every last-dimension row is removed
+
+
+def test_sparsity_report_counts_exact_zeros(tiny_lm):
+    model, _ = tiny_lm
+    model = copy.deepcopy(model)
+    layers = [layer for block in pruning.decoder_blocks(model) for layer in pruning.block_layers(block).values()]
+    total = sum(layer.weight.numel() for layer in layers)
+    with torch.no_grad():
+        layers[0].weight.view(-1)[:10] = 0.0
+    report = pruning.sparsity_report(model)
+    assert report["overall"] == 10 / total
+    first = next(iter(report))
+    assert first.startswith("block0.") and report[first] == pytest.approx(10 / layers[0].weight.numel(), rel=1e-6)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.zero_()
+    assert pruning.sparsity_report(model)["overall"] == 1.0
+
+
+def test_is_nm_sparse():
+    w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0]])
+    assert pruning.is_nm_sparse(w, 2, 4) and pruning.is_nm_sparse(w, 1, 2)
+    assert not pruning.is_nm_sparse(w, 1, 4)  # the first group has two non-zeros
+    assert not pruning.is_nm_sparse(w, 2, 3)  # 8 inputs do not split into groups of 3
+    assert pruning.is_nm_sparse(torch.zeros(2, 4), 0, 4)
+
+
+def test_semi_structured_sizes_add_up():
+    sizes = pruning.semi_structured_bytes(64, 32, bits=8)
+    assert sizes == {"dense": 2048, "values": 1024, "metadata": 256, "sparse_total": 1280}

@@ -29,7 +29,49 @@ def test_cache_dir_follows_environment(tmp_path, monkeypatch):
 
 def test_device_defaults_to_cpu():
     assert runtime.device().type == "cpu"
-    assert runtime.device("auto").type in {"cpu", "cuda"}
+    assert runtime.device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("visible", [True, False])
+def test_device_follows_what_is_visible(monkeypatch, visible):
+    import warnings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible)
+    expected = "cuda" if visible else "cpu"
+    assert runtime.device("cpu").type == "cpu"  # the default never moves to a GPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "auto" is silent either way
+        assert runtime.device("auto").type == expected
+    if visible:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert runtime.device("cuda").type == "cuda"
+    else:
+        with pytest.warns(UserWarning, match="no CUDA device is visible; using the CPU"):
+            assert runtime.device("cuda").type == "cpu"
+
+
+def test_seed_everything_seeds_every_generator():
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(1).item(), torch.randn(2, 3)
+
+    runtime.seed_everything(7)
+    first = draw()
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    runtime.seed_everything(7)
+    second = draw()
+    assert first[:3] == second[:3] and torch.equal(first[3], second[3])
+    # each generator gets exactly the seed (as seeding it alone would), and other seeds differ
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    assert draw()[:3] == first[:3]
+    runtime.seed_everything(8)
+    assert all(a != b for a, b in zip(draw()[:3], first[:3]))
+    runtime.seed_everything(2**32 + 5)  # NumPy takes seeds < 2**32: reduced modulo 2**32
+    assert np.random.rand() == np.random.RandomState(5).rand()
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        runtime.seed_everything(-1)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        runtime.seed_everything(1.5)
 
 
 @pytest.mark.parametrize("call, error, message", [
@@ -48,11 +90,24 @@ def test_bad_inputs(call, error, message):
     companion.setup(seed=0)
 
 
-def test_show_source_and_glue_fallback():
+def test_show_source_and_glue_fallback(monkeypatch):
+    import sys
+
+    import IPython.display
+
     code = nbtools.show_source(companion.metrics.auc)
-    assert "def auc" in code.data
-    assert nbtools.glue("answer", 42, tol=0) is None
+    assert "def auc" in code.data and code.data.startswith("def auc")
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False, metadata=None: shown.append((obj, metadata)))
     assert nbtools.on_colab() is False
+    nbtools.glue("answer", 42, tol=0)
+    # one hidden glue record (no myst_nb needed), named, nothing displayed besides it
+    assert shown == [({nbtools.GLUE_PREFIX + "text/plain": "42"}, {"scrapbook": {"name": "answer", "mime_prefix": nbtools.GLUE_PREFIX}})]
+    shown.clear()
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    assert nbtools.on_colab() is True
+    nbtools.glue("answer", 42, tol=0)
+    assert len(shown) == 2 and shown[1][0] == 42  # on Colab the prose shows raw role text: show the value too
 
 
 def test_plots_draw():

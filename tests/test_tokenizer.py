@@ -110,3 +110,34 @@ def test_encode_chat_rejects_other_tokenizers(tiny_lm):
 def test_bad_inputs_issue_11(small_tokenizer, call, error, message):
     with pytest.raises(error, match=message):
         call(small_tokenizer)
+
+
+# --------------------------------------------------------------------------- direct tests (issue 10)
+
+
+def test_wrap_gives_a_raw_tokenizer_the_course_tokens_and_template(small_tokenizer):
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_str(small_tokenizer.backend_tokenizer.to_str())  # a bare tokenizers.Tokenizer
+    tok = ctok.wrap(raw)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == (ctok.BOS, ctok.EOS, ctok.PAD, ctok.UNK)
+    assert tok.chat_template == ctok.CHAT_TEMPLATE and tok.model_max_length == 1024
+    # every special token is one id of the vocabulary, none of them new (the vocabulary already had them)
+    assert len(tok) == len(small_tokenizer) == raw.get_vocab_size()
+    for token in ctok.SPECIAL_TOKENS:
+        assert tok.convert_tokens_to_ids(token) == raw.token_to_id(token) is not None
+        assert token in tok.all_special_tokens
+    # role markers and <|end|> are special: decoding can skip them, and encode_chat accepts the tokenizer
+    ids = ctok.encode_chat(tok, [{"role": "user", "content": "Who is Ann?"}])
+    assert tok.decode(ids, skip_special_tokens=True) == "Who is Ann?"
+    assert ids == small_tokenizer.apply_chat_template([{"role": "user", "content": "Who is Ann?"}], tokenize=True,
+                                                      add_generation_prompt=True, return_dict=False)
+    text = "Ann lives in a town."
+    assert tok(text)["input_ids"] == small_tokenizer(text)["input_ids"]
+
+
+def test_wrap_pads_with_the_pad_token(small_tokenizer):
+    batch = small_tokenizer(["Ann.", "Ann lives in a town."], padding=True)
+    short, long = batch["input_ids"]
+    assert len(short) == len(long) and short[-1] == small_tokenizer.convert_tokens_to_ids(ctok.PAD)
+    assert batch["attention_mask"][0][-1] == 0 and all(batch["attention_mask"][1])

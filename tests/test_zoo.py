@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -75,11 +76,38 @@ def test_recipe_change_changes_the_cache_key(monkeypatch):
 def test_corrupt_cache_entry_is_rebuilt_with_a_warning():
     model = zoo.load("test-digits").model
     folder = zoo.entry_folder("test-digits")
+    before = json.loads((folder / "card.json").read_text())
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.warns(UserWarning, match="unreadable"):
         rebuilt = zoo.load("test-digits")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.model.state_dict().values()))
-    assert json.loads((folder / "card.json").read_text()) == rebuilt.card
+    # the rebuilt entry is whole again: its card is rewritten by the same (deterministic) training
+    after = json.loads((folder / "card.json").read_text())
+    assert after["recipe"] == before["recipe"] == dataclasses.asdict(TINY["test-digits"])
+    assert after["losses"] == before["losses"] and len(after["losses"]) >= TINY["test-digits"].epochs
+    assert after["parameters"] == sum(p.numel() for p in rebuilt.model.parameters()) and after == rebuilt.card
+    with warnings.catch_warnings():  # and the next load reads it back silently
+        warnings.simplefilter("error")
+        again = zoo.load("test-digits")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.model.state_dict().values()))
+
+
+def test_build_classifier_is_the_recipes_mlp():
+    recipe = zoo.ClassifierRecipe(hidden=12, epochs=1)
+    torch.manual_seed(0)
+    model = zoo.build_classifier(recipe)
+    first, relu, last = model  # 64 pixels -> hidden -> 10 classes
+    assert isinstance(first, torch.nn.Linear) and (first.in_features, first.out_features) == (64, 12)
+    assert isinstance(relu, torch.nn.ReLU)
+    assert isinstance(last, torch.nn.Linear) and (last.in_features, last.out_features) == (12, 10)
+    assert model.training  # a fresh model to train; zoo.load returns it in eval mode
+    x = torch.rand(5, 64)
+    assert torch.allclose(model(x), last(torch.relu(first(x))))
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  zoo.build_classifier(recipe).state_dict().values()))
+    assert sum(p.numel() for p in zoo.build_classifier(zoo.ClassifierRecipe()).parameters()) == \
+        64 * zoo.ClassifierRecipe().hidden + zoo.ClassifierRecipe().hidden + zoo.ClassifierRecipe().hidden * 10 + 10
 
 
 def test_missing_card_is_rebuilt_too():
