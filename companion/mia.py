@@ -186,11 +186,14 @@ def reference_scores(target_stats: list[dict[str, torch.Tensor]], reference_stat
 def lm_scores(model, tokenizer, texts: list[str], k: float = 0.2, reference=None, batch_size: int = 32
               ) -> dict[str, torch.Tensor]:
     """Every LM membership score of this module from one forward pass per text (and one of the
-    reference model, given as ``(model, tokenizer)``)."""
+    reference model, given as a :class:`companion.zoo.ZooModel` or a ``(model, tokenizer)`` pair)."""
     k = _check_k(k)
+    if isinstance(reference, zoo.ZooModel):
+        reference = (reference.model, reference.tokenizer)
     if reference is not None:
         if not isinstance(reference, tuple) or len(reference) != 2:
-            raise TypeError(f"reference must be None or a (model, tokenizer) tuple, got {type(reference).__name__}")
+            raise TypeError(f"reference must be None, a ZooModel or a (model, tokenizer) tuple, got "
+                            f"{type(reference).__name__}")
         check_lm_and_tokenizer(*reference)
     stats = token_log_probs(model, tokenizer, texts, batch_size=batch_size, moments=True)
     scores = {

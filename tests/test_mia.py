@@ -571,3 +571,15 @@ def test_offline_rmia_averages_each_examples_own_out_models():
         ratio = p_target / (0.5 * ((1 + a) * p_out + (1 - a)))
         expected = (ratio[:, None] / ratio[None, :] > 1.0).float().mean(1)
         assert torch.equal(mia.rmia_scores(shadow, target, population, offline_a=a), expected)
+
+
+def test_lm_scores_take_the_reference_as_a_zoo_model_or_a_pair(tiny_lm):
+    from companion import zoo
+
+    model, tok = tiny_lm
+    texts = ["Ann was born in 1970.", "Bob keeps a cat."]
+    as_pair = mia.lm_scores(model, tok, texts, reference=(model, tok))["reference"]
+    as_entry = mia.lm_scores(model, tok, texts, reference=zoo.ZooModel("ref", model, tok, {}))["reference"]
+    assert torch.equal(as_pair, as_entry) and torch.allclose(as_pair, torch.zeros(2), atol=1e-5)  # itself: 0
+    with pytest.raises(TypeError, match="reference must be None, a ZooModel or a"):
+        mia.lm_scores(model, tok, texts, reference=model)
