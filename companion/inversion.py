@@ -11,7 +11,7 @@ reads top to bottom:
 2. **White-box gradient inversion** (:func:`mi_face`; Fredrikson et al. 2015, Alg. 1): descend on
    the cost ``1 - p_y(x)`` (plus an image prior) over the input.
 3. **Black-box inversion** (:func:`nes_inversion`): the same ascent with a gradient estimated from
-   queries only (antithetic NES, Wierstra et al. 2014; Ilyas et al. 2018, Eq. 2).
+   queries only (antithetic NES, Wierstra et al. 2014; Ilyas et al. 2018).
 4. **Training-based inversion** (:class:`InversionNet`, :func:`train_inverter`; Yang et al. 2019):
    a network trained on auxiliary data maps released vectors back to images.
 5. **Judging a reconstruction** (:func:`recognised`, :func:`nearest_distance`): an independent
@@ -356,7 +356,7 @@ def _released_log_prob(api: ProbabilityAPI, x: torch.Tensor, classes: torch.Tens
 def nes_gradient(api: ProbabilityAPI, x: torch.Tensor, target_class, samples: int = 20, sigma: float = 0.05,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Antithetic NES estimate of the gradient of ``log p_released(y | x)`` from queries alone
-    (Ilyas et al. 2018, Eq. 2; Wierstra et al. 2014):
+    (Wierstra et al. 2014; as used for black-box attacks by Ilyas et al. 2018):
 
         g = 1 / (2 n sigma) * sum_i [F(x + sigma u_i) - F(x - sigma u_i)] u_i,   u_i ~ N(0, I)
 
@@ -421,12 +421,15 @@ def nes_inversion(api: ProbabilityAPI, target_class, queries: int = 2000, sample
 
 
 class InversionNet(nn.Module):
-    """An inversion network (Yang et al. 2019, Sec. 4): released vector -> image.
+    """An inversion network (Yang et al. 2019): released vector -> image.
 
     The encoder takes the vector as Yang et al.'s code does: truncated to its ``truncation`` largest
     entries (``None``: all), ``log(p) + c`` clipped at 0 (so a released 0 is a 0 input), divided by
     ``c`` to lie in [0, 1]. The decoder is an MLP with a sigmoid output (the paper's is a
-    transposed-convolution net for 64x64 faces; 8x8 digits need none).
+    transposed-convolution net for 64x64 faces; 8x8 digits need none). The encoded input is then
+    standardised with a per-entry ``shift`` and ``scale`` that :func:`train_inverter` sets from the
+    auxiliary queries (not in Yang et al.: without it a flattened vector, e.g. behind a
+    temperature, encodes to a narrow band near 1 that the decoder learns slowly from).
     """
 
     def __init__(self, n_classes: int = 10, hidden: int = 256, truncation: int | None = None, c: float = 50.0):
@@ -436,6 +439,8 @@ class InversionNet(nn.Module):
         self.truncation = None if truncation is None else check_int("truncation", truncation, minimum=1,
                                                                         maximum=n_classes)
         self.c = check_positive_float("c", c)
+        self.register_buffer("shift", torch.zeros(n_classes))
+        self.register_buffer("scale", torch.ones(n_classes))
         self.decoder = nn.Sequential(nn.Linear(n_classes, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                      nn.Linear(hidden, N_PIXELS), nn.Sigmoid())
 
@@ -446,7 +451,8 @@ class InversionNet(nn.Module):
         if self.truncation is not None:
             top = released.topk(self.truncation, dim=-1)
             released = torch.zeros_like(released).scatter(-1, top.indices, top.values)
-        return (released.clamp_min(0).log() + self.c).clamp_min(0) / self.c
+        encoded = (released.clamp_min(0).log() + self.c).clamp_min(0) / self.c
+        return (encoded - self.shift) / self.scale
 
     def forward(self, released: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encode(released))
@@ -456,8 +462,8 @@ def train_inverter(api: ProbabilityAPI, x_aux: torch.Tensor, epochs: int = 300, 
                    truncation: int | None = None, lr: float = 1e-3, batch_size: int = 64,
                    seed: int = 0) -> tuple[InversionNet, list[float]]:
     """Train an :class:`InversionNet` on the attacker's auxiliary images: query the API once per image
-    (``len(x_aux)`` queries, whatever it releases) and fit image = net(released) with MSE and Adam
-    (Yang et al. 2019, Eq. 4). Returns the network (eval mode) and the loss of each epoch."""
+    (``len(x_aux)`` queries, whatever it releases), set the input standardisation from those
+    vectors, and fit image = net(released) with MSE and Adam (Yang et al. 2019's training objective). Returns the network (eval mode) and the loss of each epoch."""
     if not isinstance(api, ProbabilityAPI):
         raise TypeError(f"api must be a ProbabilityAPI (or one of its wrappers), got {type(api).__name__}")
     _check_images(x_aux, "x_aux")
@@ -469,6 +475,10 @@ def train_inverter(api: ProbabilityAPI, x_aux: torch.Tensor, epochs: int = 300, 
         released = api(x_aux)
     seed_everything(seed)
     net = InversionNet(released.shape[1], hidden, truncation)
+    with torch.no_grad():
+        encoded = net.encode(released)  # shift 0, scale 1 still: the raw encoding
+        net.shift.copy_(encoded.mean(0))
+        net.scale.copy_(encoded.std(0).clamp_min(1e-3))
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     history = []
@@ -593,8 +603,8 @@ def last_logits(model, tokenizer, texts: list[str], batch_size: int = 64) -> tor
 
 
 def singular_values(logits: torch.Tensor) -> torch.Tensor:
-    """Singular values of a ``[N, V]`` matrix of logit vectors, largest first (Carlini et al. 2024,
-    Sec. 4.1: rows of ``W h`` span at most ``hidden`` dimensions, so the spectrum collapses after
+    """Singular values of a ``[N, V]`` matrix of logit vectors, largest first (Carlini et al. 2024:
+    rows of ``W h`` span at most ``hidden`` dimensions, so the spectrum collapses after
     index ``hidden``, or ``hidden + 1`` for log-probabilities, which add a multiple of the all-ones
     vector)."""
     check_tensor("logits", logits, ndim=2, kind="float", finite=True, nonempty=True)
@@ -650,7 +660,7 @@ class LogprobAPI:
 
 def recover_logits(api: LogprobAPI, prompt: str, bias: float | None = None) -> torch.Tensor:
     """The full logit vector (up to an additive constant: relative to the most likely token) from a
-    top-k log-prob API with logit bias (Carlini et al. 2024, Sec. 5.3): each query lifts ``k - 1``
+    top-k log-prob API with logit bias (the idea of Carlini et al. 2024): each query lifts ``k - 1``
     new tokens by ``bias`` into the top-k; the unbiased most likely token ``r`` fills the last slot,
     and ``z_i - z_r = (logprob_i - bias) - logprob_r``. Costs ``ceil((V - 1) / (k - 1))`` queries
     (plus one to find ``r``)."""
@@ -687,7 +697,7 @@ CANARY_TEMPLATE = "The vault code of {owner} is {secret} ."
 
 def plant_canaries(owners: list[str], repeats: tuple[int, ...] = (0, 1, 4, 16, 64), per_level: int = 32,
                    digits: int = 6, seed: int = 0) -> list[data.Canary]:
-    """Canaries "The vault code of <owner> is d d d d d d ." (Carlini et al. 2019, Sec. 3): ``per_level``
+    """Canaries "The vault code of <owner> is d d d d d d ." (Carlini et al. 2019): ``per_level``
     owners per repetition count, one random secret each (``10 ** digits`` possible values, digits
     space-separated so each is one token). Insert them into training text with
     :func:`companion.data.insert_canaries`; ``repeats = 0`` canaries are never inserted (the control)."""
@@ -842,7 +852,7 @@ def _check_scores(canary_score, reference_scores) -> tuple[float, torch.Tensor]:
 
 
 def exposure(canary_score: float, reference_scores: torch.Tensor) -> float:
-    """Exposure by interpolation (Carlini et al. 2019, Def. 2 with a sampled R): with the canary's
+    """Exposure by interpolation (Carlini et al. 2019's definition, with a sampled R): with the canary's
     rank among itself and the ``|R|`` references (higher score = more likely; ties go to the
     references, as TF-Privacy's ``compute_exposure_interpolation`` breaks them),
 
@@ -855,7 +865,7 @@ def exposure(canary_score: float, reference_scores: torch.Tensor) -> float:
 
 
 def exposure_extrapolated(canary_score: float, reference_scores: torch.Tensor) -> float:
-    """Exposure by extrapolation (Carlini et al. 2019, Sec. 4.3): fit a skew-normal distribution to
+    """Exposure by extrapolation (Carlini et al. 2019): fit a skew-normal distribution to
     the references' negative log-likelihoods and return ``-log2 P(NLL <= canary NLL)``; unlike
     :func:`exposure` it is not capped at ``log2(|R| + 1)`` (but is only as good as the fit's tail).
     The probability is floored at 1e-300."""
@@ -874,7 +884,7 @@ def extract_secret(model, tokenizer, prefixes: list[str], digits: int = 6, beam:
                    top_k: int | None = None, alphabet: str = "0123456789", batch_size: int = 256
                    ) -> list[list[tuple[str, float]]]:
     """Recover each prefix's secret with no candidate list: beam search over the logits, restricted
-    to the ``alphabet``'s tokens (Carlini et al. 2019, Sec. 8 use a shortest-path search over the
+    to the ``alphabet``'s tokens (Carlini et al. 2019 use a shortest-path search over the
     same tree). Returns, per prefix, the ``beam`` best ``(secret, log p)`` pairs, best first.
 
     ``top_k`` simulates an API that shows only the ``k`` most likely tokens with their log-probs, with
