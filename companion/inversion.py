@@ -305,12 +305,11 @@ def mi_face(model: nn.Module, target_class, steps: int = 200, lr: float = 0.1, p
         c(x) = 1 - p_y(x) + lambda * TV(x)       (cost="paper": Alg. 1 with the prior as AuxTerm)
         c(x) = -log p_y(x) + lambda * TV(x)      (cost="log", the default)
 
-    The paper's ``1 - p_y`` has a vanishing gradient wherever the softmax is saturated at
-    ``p_y ~ 0`` (the gradient is ``p_y`` times that of the log), so a start the model finds very
-    unlike ``y`` never moves; the log form (the cross-entropy "identity loss" of later attacks such
-    as GMI, Zhang et al. 2020) has the same minimiser and does not stall.
-
-    projected onto the pixel box [0, 1] after every step. ``target_class`` is an int or one class per
+    projected onto the pixel box [0, 1] after every step. The paper's ``1 - p_y`` has a vanishing
+    gradient wherever the softmax is saturated at ``p_y ~ 0`` (the gradient is ``p_y`` times that
+    of the log), so a start the model finds very unlike ``y`` never moves; the log form (the
+    cross-entropy "identity loss" of later attacks such as GMI, Zhang et al. 2020) has the same
+    minimiser and does not stall. ``target_class`` is an int or one class per
     image (a batch of independent attacks); ``init`` the starting images (default: all grey, which
     is also the attack's no-op baseline). ``prior="tv"`` adds the total-variation prior with weight
     ``tv_weight`` (the paper has no prior, only a denoising "Process" step; ART's ``MIFace`` has
