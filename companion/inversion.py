@@ -384,7 +384,7 @@ def nes_inversion(api: ProbabilityAPI, target_class, queries: int = 2000, sample
     black-box PGD), projected onto [0, 1]. The prior's gradient is exact (the attacker knows its own
     prior; it costs no query). ``queries`` is the budget per image: ``queries // (2 * samples)`` steps.
     A released probability that does not move (rounded, truncated to 0, label only) gives a zero
-    estimate and the image stays where it started.
+    estimate: the image stays where it started, or follows the prior alone.
     """
     if not isinstance(api, ProbabilityAPI):
         raise TypeError(f"api must be a ProbabilityAPI (or one of its wrappers), got {type(api).__name__}")
