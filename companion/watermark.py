@@ -175,7 +175,43 @@ class Watermark:
         out["windows"] = len(window_sums)
         return out
 
+    def detect_many(self, texts: list, prompt_length: int = 0, ignore_repeated: bool = True) -> dict:
+        """:meth:`detect` for many sequences at once (vectorised; same results): a dict of arrays."""
+        if not isinstance(texts, list) or not texts:
+            raise TypeError(f"texts must be a non-empty list of token-id lists, got {type(texts).__name__}")
+        prompt_length = check_int("prompt_length", prompt_length, minimum=0)
+        if not isinstance(ignore_repeated, bool):
+            raise TypeError(f"ignore_repeated must be a bool, got {type(ignore_repeated).__name__}")
+        texts = [check_token_list(f"texts[{i}]", t) for i, t in enumerate(texts)]
+        first = max(prompt_length, self.context)
+        lengths = np.array([len(t) for t in texts])
+        if (lengths <= first).any():
+            i = int(np.argmax(lengths <= first))
+            raise ValueError(f"texts[{i}] (length {lengths[i]}) must be longer than the prompt ({prompt_length} "
+                             f"tokens) and the context ({self.context} tokens): no token to score")
+        if max(max(t) for t in texts) >= self.vocab_size:
+            raise ValueError(f"texts must hold token ids below vocab_size={self.vocab_size}")
+        batch = torch.zeros(len(texts), int(lengths.max()), dtype=torch.int64)
+        for i, t in enumerate(texts):
+            batch[i, : len(t)] = torch.tensor(t)
+        stats = self.position_stats(batch).double().numpy()
+        units = self.units(batch).numpy() if ignore_repeated else None
+        score, scored = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
+        lo = first - self.context
+        for i, length in enumerate(lengths):
+            hi = length - self.context
+            if ignore_repeated:
+                keep = lo + np.unique(units[i, lo:hi], return_index=True)[1]
+                score[i], scored[i] = stats[i, keep].sum(), len(keep)
+            else:
+                score[i], scored[i] = stats[i, lo:hi].sum(), hi - lo
+        return self._summary_arrays(score, scored)
+
     def _summary(self, score: float, scored: int) -> dict:
+        out = self._summary_arrays(np.array([score]), np.array([scored]))
+        return {k: (int(v[0]) if k in ("green", "scored") else float(v[0])) for k, v in out.items()}
+
+    def _summary_arrays(self, score: np.ndarray, scored: np.ndarray) -> dict:
         raise NotImplementedError
 
     def position_stats(self, ids: torch.Tensor) -> torch.Tensor:
@@ -215,13 +251,13 @@ class _ListWatermark(Watermark):
     gamma: float
     delta: float
 
-    def _summary(self, score: float, scored: int) -> dict:
+    def _summary_arrays(self, score: np.ndarray, scored: np.ndarray) -> dict:
         from scipy import stats
 
-        green, gamma = int(round(score)), self.gamma
-        z = (green - gamma * scored) / math.sqrt(scored * gamma * (1 - gamma))
-        return {"z": z, "p_value": float(stats.binom.sf(green - 1, scored, gamma)),
-                "p_normal": float(stats.norm.sf(z)), "green": green, "score": float(green), "scored": scored}
+        green, gamma = np.rint(score).astype(np.int64), self.gamma
+        z = (green - gamma * scored) / np.sqrt(scored * gamma * (1 - gamma))
+        return {"z": z, "p_value": stats.binom.sf(green - 1, scored, gamma), "p_normal": stats.norm.sf(z),
+                "green": green, "score": green.astype(float), "scored": scored}
 
     def green_fraction_of_lists(self) -> float:
         """The fraction of the vocabulary that is green (the realised gamma of the lists)."""
@@ -263,6 +299,11 @@ class KGW(_ListWatermark):
         self.green_size = int(self.vocab_size * self.gamma)
         self._rows: dict[int, torch.Tensor] = {}
 
+    def with_key(self, key: int) -> "KGW":
+        """The same scheme under another key (e.g. to draw many null tests from one text)."""
+        return KGW(self.vocab_size, self.gamma, self.delta, key, self.seeding, self.context, self.prf,
+                   self.top_candidates)
+
     def __repr__(self) -> str:
         return (f"KGW(gamma={self.gamma}, delta={self.delta}, seeding={self.seeding!r}, context={self.context}, "
                 f"prf={self.prf!r})")
@@ -288,8 +329,14 @@ class KGW(_ListWatermark):
         """Whether each token is green for its context code (same shapes)."""
         if self.prf == "hash":
             return hash_uniform(self.key, codes, tokens) < self.gamma
-        flat = [bool(self._randperm_row(c)[t]) for c, t in zip(codes.reshape(-1).tolist(), tokens.reshape(-1).tolist())]
-        return torch.tensor(flat, dtype=torch.bool).reshape(codes.shape)
+        unique, inverse = torch.unique(codes.reshape(-1), return_inverse=True)
+        flat_tokens = tokens.reshape(-1)
+        green = torch.empty(len(flat_tokens), dtype=torch.bool)
+        for start in range(0, len(unique), 4096):  # at most 4096 x V booleans at a time
+            table = torch.stack([self._randperm_row(c) for c in unique[start: start + 4096].tolist()])
+            chosen = (inverse >= start) & (inverse < start + 4096)
+            green[chosen] = table[inverse[chosen] - start, flat_tokens[chosen]]
+        return green.reshape(codes.shape)
 
     def _sample_rows(self) -> torch.Tensor:
         return self.green_rows(torch.arange(min(self.vocab_size, 256)))
@@ -365,6 +412,10 @@ class Unigram(_ListWatermark):
         self.green = torch.zeros(self.vocab_size, dtype=torch.bool)
         self.green[torch.randperm(self.vocab_size, generator=generator)[: self.green_size]] = True
 
+    def with_key(self, key: int) -> "Unigram":
+        """The same scheme under another key."""
+        return Unigram(self.vocab_size, self.gamma, self.delta, key)
+
     def __repr__(self) -> str:
         return f"Unigram(gamma={self.gamma}, delta={self.delta})"
 
@@ -415,6 +466,10 @@ class GumbelWatermark(Watermark):
         self.vocab_size, self.key = int(vocab_size), int(key)
         self.context = check_int("context", context, minimum=1, maximum=16)
 
+    def with_key(self, key: int) -> "GumbelWatermark":
+        """The same scheme under another key."""
+        return GumbelWatermark(self.vocab_size, key, self.context)
+
     def __repr__(self) -> str:
         return f"GumbelWatermark(context={self.context})"
 
@@ -425,10 +480,10 @@ class GumbelWatermark(Watermark):
         r = self.uniforms(context_codes(ids, self.context, self.vocab_size), ids[:, self.context:])
         return -torch.log1p(-r)
 
-    def _summary(self, score: float, scored: int) -> dict:
+    def _summary_arrays(self, score: np.ndarray, scored: np.ndarray) -> dict:
         from scipy import stats
 
-        return {"z": (score - scored) / math.sqrt(scored), "p_value": float(stats.gamma.sf(score, scored)),
+        return {"z": (score - scored) / np.sqrt(scored), "p_value": stats.gamma.sf(score, scored),
                 "score": score, "scored": scored}
 
     def processor(self) -> LogitsProcessor:
@@ -636,25 +691,40 @@ def substitute(ids, rate: float, vocab_size: int, seed: int = 0, start: int = 0)
 
 
 @torch.no_grad()
-def lm_substitute(model, ids, rate: float, seed: int = 0, start: int = 0) -> list[int]:
-    """Contextual substitution: replace a ``rate`` fraction of the tokens after ``start`` by a sample from
-    an (unwatermarked) model's next-token distribution at that position, the original excluded, given
-    the original prefix. The attacked text stays close to the model's idea of fluent text; at ``rate=1``
-    this is a teacher-forced re-generation of every token by the unwatermarked model."""
+def lm_substitute_batch(model, texts: list, rate: float, seed: int = 0, start: int = 0) -> list[list[int]]:
+    """Contextual substitution: in each text, replace a ``rate`` fraction of the tokens after ``start``
+    by a sample from an (unwatermarked) model's next-token distribution at that position, the original
+    excluded, given the original prefix. The attacked text stays close to the model's idea of fluent
+    text; at ``rate=1`` it is a teacher-forced re-generation of every token by the unwatermarked model.
+    Text ``i`` uses the seed ``seed + i``; one right-padded forward pass per 64 texts."""
     check_causal_lm(model)
-    ids, rate, rng, start = _edit_args(ids, rate, seed, start)
-    if max(ids) >= vocab_size(model):
-        raise ValueError(f"ids hold id {max(ids)}, beyond the model's vocabulary of {vocab_size(model)}")
-    positions = _chosen(rng, max(start, 1), len(ids), rate) if len(ids) > max(start, 1) else []
-    out = list(ids)
-    if len(positions):
-        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
-        for i in positions:
-            probs = torch.softmax(logits[i - 1], -1)
-            probs[ids[i]] = 0.0
-            probs = (probs / probs.sum()).numpy()
-            out[i] = int(rng.choice(len(probs), p=probs))
+    texts = _check_prompts("texts", texts, model)
+    rate = check_fraction("rate", rate)
+    seed = check_int("seed", seed, minimum=0)
+    start = check_int("start", start, minimum=0)
+    from companion.train import pad_batch
+
+    out = []
+    for first in range(0, len(texts), 64):
+        chunk = texts[first: first + 64]
+        ids, mask = pad_batch(chunk, 0)
+        logits = model(input_ids=ids, attention_mask=mask).logits.double() if rate > 0 else None
+        for j, text in enumerate(chunk):
+            rng = np.random.default_rng(seed + first + j)
+            lo = min(max(start, 1), len(text))
+            edited = list(text)
+            for i in _chosen(rng, lo, len(text), rate):
+                probs = torch.softmax(logits[j, i - 1], -1)
+                probs[text[i]] = 0.0
+                probs = (probs / probs.sum()).numpy()
+                edited[i] = int(rng.choice(len(probs), p=probs))
+            out.append(edited)
     return out
+
+
+def lm_substitute(model, ids, rate: float, seed: int = 0, start: int = 0) -> list[int]:
+    """:func:`lm_substitute_batch` for one text (with the seed ``seed``)."""
+    return lm_substitute_batch(model, [check_token_list("ids", ids)], rate, seed, start)[0]
 
 
 def delete(ids, rate: float, seed: int = 0, start: int = 0) -> list[int]:
