@@ -84,6 +84,13 @@ def _fold_key(key: int) -> int:
 def hash_uniform(key: int, codes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """A keyed uniform in (0, 1) for each (context code, token) pair (broadcast): the PRF of the
     ``"hash"`` green lists and of the Gumbel watermark. Vectorised and exact on every machine."""
+    check_int("key", key, minimum=0)
+    for name, value in (("codes", codes), ("tokens", tokens)):
+        if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {type(value).__name__}"
+                            f"{'' if not isinstance(value, torch.Tensor) else ' of dtype ' + str(value.dtype)}")
+        if value.numel() and int(value.min()) < 0:
+            raise ValueError(f"{name} must be >= 0, got a minimum of {int(value.min())}")
     codes = codes.to(torch.int64) & _MASK32
     tokens = tokens.to(torch.int64)
     seeded = _mix32(codes ^ _fold_key(key))
@@ -238,7 +245,7 @@ def _check_common(vocab_size, gamma, delta, key):
     if int(vocab_size * gamma) < 1 or int(vocab_size * gamma) >= vocab_size:
         raise ValueError(f"gamma * vocab_size must leave at least one green and one red token, got "
                          f"gamma={gamma}, vocab_size={vocab_size}")
-    delta = check_float("delta", delta, minimum=0)
+    delta = check_float("delta", delta, 0, 50)
     check_int("key", key, minimum=0, maximum=2 ** 63 - 1)
     return gamma, delta
 
@@ -258,10 +265,6 @@ class _ListWatermark(Watermark):
         z = (green - gamma * scored) / np.sqrt(scored * gamma * (1 - gamma))
         return {"z": z, "p_value": stats.binom.sf(green - 1, scored, gamma), "p_normal": stats.norm.sf(z),
                 "green": green, "score": green.astype(float), "scored": scored}
-
-    def green_fraction_of_lists(self) -> float:
-        """The fraction of the vocabulary that is green (the realised gamma of the lists)."""
-        return float(self._sample_rows().float().mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,9 +340,6 @@ class KGW(_ListWatermark):
             chosen = (inverse >= start) & (inverse < start + 4096)
             green[chosen] = table[inverse[chosen] - start, flat_tokens[chosen]]
         return green.reshape(codes.shape)
-
-    def _sample_rows(self) -> torch.Tensor:
-        return self.green_rows(torch.arange(min(self.vocab_size, 256)))
 
     def seed_codes(self, ids: torch.Tensor) -> torch.Tensor:
         """The code that seeds each scored position's green list: the ``h`` tokens before it
@@ -418,9 +418,6 @@ class Unigram(_ListWatermark):
 
     def __repr__(self) -> str:
         return f"Unigram(gamma={self.gamma}, delta={self.delta})"
-
-    def _sample_rows(self) -> torch.Tensor:
-        return self.green[None]
 
     def position_stats(self, ids: torch.Tensor) -> torch.Tensor:
         return self.green[ids].float()
@@ -573,7 +570,7 @@ def sample(model, prompts: list, processors=(), max_new_tokens: int = 96, seed: 
 
 def emoji_attack(model, prompts: list, watermark: Watermark, symbol_id: int, max_new_tokens: int = 96,
                  seed: int = 0) -> list[list[int]]:
-    """The emoji attack (Kirchenbauer et al. 2023, sec. 7): the attacker has the watermarked model write a
+    """The emoji attack (discussed by Kirchenbauer et al. 2023): the attacker has the watermarked model write a
     symbol after every token, then deletes the symbols. Every kept token was chosen with the symbol as
     its left context, so after deletion the detector recomputes green lists from different neighbours.
     Returns the completions with the symbols removed (about ``max_new_tokens / 2`` tokens)."""
@@ -603,7 +600,7 @@ def green_fraction_bound(gamma: float, delta: float, spike: float) -> float:
     """Theorem 4.2 of Kirchenbauer et al. (2023): the expected green fraction of a KGW text whose mean
     spike entropy (with the theorem's modulus) is ``spike`` is at least ``gamma alpha S / (1 + (alpha-1) gamma)``."""
     gamma = check_float("gamma", gamma, 0, 1, open_minimum=True, open_maximum=True)
-    delta = check_float("delta", delta, minimum=0)
+    delta = check_float("delta", delta, 0, 50)
     spike = check_float("spike", spike, 0, 1)
     alpha = math.exp(delta)
     return gamma * alpha * spike / (1 + (alpha - 1) * gamma)
@@ -612,7 +609,7 @@ def green_fraction_bound(gamma: float, delta: float, spike: float) -> float:
 def kgw_modulus(gamma: float, delta: float) -> float:
     """The spike-entropy modulus ``z = (1 - gamma)(alpha - 1) / (1 + (alpha - 1) gamma)`` of Theorem 4.2."""
     gamma = check_float("gamma", gamma, 0, 1, open_minimum=True, open_maximum=True)
-    alpha = math.exp(check_float("delta", delta, minimum=0))
+    alpha = math.exp(check_float("delta", delta, 0, 50))
     return (1 - gamma) * (alpha - 1) / (1 + (alpha - 1) * gamma)
 
 

@@ -201,3 +201,26 @@ def test_entropy_helpers():
     assert W.spike_entropy(flat, z).item() > 0.9 and W.spike_entropy(spike, z).item() == pytest.approx(1 / (1 + z))
     assert W.green_fraction_bound(0.25, 0.0, 1.0) == pytest.approx(0.25)
     assert W.green_fraction_bound(0.25, 2.0, 1.0) > 0.6
+
+
+@pytest.mark.parametrize("name", list(_schemes()))
+def test_batched_detection_equals_one_at_a_time(name):
+    wm = _schemes()[name]
+    rng = np.random.default_rng(5)
+    texts = [rng.integers(V, size=int(n)).tolist() for n in rng.integers(12, 40, size=20)]
+    texts.append([3, 4] * 10)  # repeats
+    for ignore in (True, False):
+        many = wm.detect_many(texts, prompt_length=6, ignore_repeated=ignore)
+        for i, t in enumerate(texts):
+            one = wm.detect(t, prompt_length=6, ignore_repeated=ignore)
+            assert one["scored"] == many["scored"][i] and one["p_value"] == pytest.approx(many["p_value"][i])
+            assert one["z"] == pytest.approx(many["z"][i])
+    with pytest.raises(ValueError, match=r"texts\[1\]"):
+        wm.detect_many([list(range(20)), [1, 2, 3]], prompt_length=6)
+
+
+def test_lm_substitute_batch_matches_single(tiny_lm):
+    model, tok = tiny_lm
+    texts = [tok(t)["input_ids"] for t in ("Anna was born in 1990.", "Bob lives in the town of Lake Mary now.")]
+    batch = W.lm_substitute_batch(model, texts, 0.4, seed=3, start=2)
+    assert batch == [W.lm_substitute(model, t, 0.4, seed=3 + i, start=2) for i, t in enumerate(texts)]
