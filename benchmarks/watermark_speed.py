@@ -27,7 +27,8 @@ def main() -> None:
     model, tok = llama.model, llama.tokenizer
     V = model.get_output_embeddings().weight.shape[0]
     stream = [i for d in zoo.corpus().train_docs for i in tok(d.text)["input_ids"]]
-    texts = [stream[i * 112: (i + 1) * 112] for i in range(512)]
+    windows = [stream[i * 112: (i + 1) * 112] for i in range(len(stream) // 112)]
+    texts = [t for t in windows if t[15] != tok.bos_token_id][:512]  # transformers drops a leading BOS
     key = 12345
     ours = W.KGW(V, 0.25, 2.0, key)
     ours.detect_many(texts[:4], prompt_length=16)  # build the V green lists once (cached)
@@ -54,6 +55,7 @@ def main() -> None:
     schemes = {"none": None, "KGW h=1": W.KGW(V, key=key), "KGW h=4 hash": W.KGW(V, key=key, context=4, prf="hash"),
                "KGW-self h=4 hash": W.KGW(V, key=key, seeding="selfhash", context=4, prf="hash"),
                "Unigram": W.Unigram(V, key=key), "Gumbel h=4": W.GumbelWatermark(V, key=key)}
+    W.sample(model, prompts[:8], [], 16, pad_id=tok.pad_token_id)  # warm-up
     base = None
     for name, wm in schemes.items():
         started = time.perf_counter()
