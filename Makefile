@@ -51,7 +51,17 @@ nbval: $(STAMP)
 	$(PY) -m pytest -q -p no:python --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 		--nbval-cell-timeout=900 notebooks || [ $$? -eq 5 ]
 
-book-html: $(STAMP)
+# MathJax from the npm registry, pinned by package.json and package-lock.json, served by the book itself
+# (_config.yml: html_static_path, mathjax_path): only what tex-mml-chtml.js loads at run time is copied.
+MATHJAX := _build/vendor/mathjax/tex-mml-chtml.js
+$(MATHJAX): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	rm -rf _build/vendor/mathjax && mkdir -p _build/vendor/mathjax/output
+	cp -r node_modules/mathjax/es5/tex-mml-chtml.js node_modules/mathjax/es5/input node_modules/mathjax/es5/a11y \
+		node_modules/mathjax/es5/sre node_modules/mathjax/es5/ui node_modules/mathjax/LICENSE _build/vendor/mathjax/
+	cp -r node_modules/mathjax/es5/output/chtml _build/vendor/mathjax/output/
+
+book-html: $(STAMP) $(MATHJAX)
 	rm -rf _build/html
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 	$(PY) tools/check_book.py _build/html
