@@ -13,11 +13,12 @@ export ATEN_CPU_CAPABILITY ?= avx2
 export MKL_CBWR ?= AVX2
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 
-.PHONY: help env zoo book test unit nbval book-html execute bench compat clean
+.PHONY: help env zoo book test unit nbval book-html browser chromium execute bench compat clean
 
 help:
 	@echo "make book      install the pinned environment in .venv and build the HTML book into _build/html"
 	@echo "make test      unit tests, notebook hygiene, zoo models, strict nbval over every notebook, book build and check"
+	@echo "make browser   build the book and check every page offline in headless Chromium (screenshots: _build/screenshots)"
 	@echo "make execute   re-execute notebooks in place (NB=notebooks/00_tiny_models.ipynb for one)"
 	@echo "make zoo       train (or load) every zoo model, one timing line each"
 	@echo "make compat    unit tests and chapter 00 at the lowest versions pyproject.toml allows (downloads GBs)"
@@ -51,15 +52,39 @@ nbval: $(STAMP)
 	$(PY) -m pytest -q -p no:python --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 		--nbval-cell-timeout=900 notebooks || [ $$? -eq 5 ]
 
-book-html: $(STAMP)
+# MathJax from the npm registry, pinned by package.json and package-lock.json, served by the book itself
+# (_config.yml: html_static_path, mathjax_path): only what tex-mml-chtml.js loads at run time is copied.
+MATHJAX := _build/vendor/mathjax/tex-mml-chtml.js
+$(MATHJAX): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	rm -rf _build/vendor/mathjax && mkdir -p _build/vendor/mathjax/output
+	cp -r node_modules/mathjax/es5/tex-mml-chtml.js node_modules/mathjax/es5/input node_modules/mathjax/es5/a11y \
+		node_modules/mathjax/es5/sre node_modules/mathjax/es5/ui node_modules/mathjax/LICENSE _build/vendor/mathjax/
+	cp -r node_modules/mathjax/es5/output/chtml _build/vendor/mathjax/output/
+
+book-html: $(STAMP) $(MATHJAX)
 	rm -rf _build/html
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 	$(PY) tools/check_book.py _build/html
 
+# Headless Chromium and its driver from Debian's packages (and a Chinese font for the screenshots): installed
+# when missing if we are root (CI), otherwise the README's apt line is printed.
+CHROMIUM_APT := chromium chromium-driver fonts-wqy-microhei
+chromium:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "chromium: apt-get install -y $(CHROMIUM_APT)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CHROMIUM_APT) >/dev/null; \
+	else echo "chromium: not found; install it with: sudo apt-get install -y $(CHROMIUM_APT)"; exit 1; fi
+
+# The built book in a real browser with the network cut off (tools/check_browser.py).
+browser: book-html chromium
+	$(PY) tools/check_browser.py _build/html
+
 book: book-html
 	@echo "Open the book: file://$(CURDIR)/_build/html/index.html"
 
-test: unit zoo nbval book-html
+test: unit zoo nbval book-html browser
 	@echo "make test: all checks passed"
 
 execute: $(STAMP)

@@ -184,3 +184,94 @@ def test_tolerant_records_are_well_formed(notebook):
                 assert (tol == "varies" and value is None) or (isinstance(tol, (int, float)) and tol >= 0
                                                                and isinstance(value, (int, float))), (
                     f"{path.name} cell {i}: value {value!r} with tolerance {tol!r}")
+
+
+MAX_CODE_LINE = 88
+# Notebooks with code lines over MAX_CODE_LINE when this test was added (issue 14), to be reflowed (or the
+# long helpers moved into companion) and re-executed. Strict: once a notebook fits, its xfail fails; then
+# delete its entry here.
+LONG_CODE_LINES = {
+    "00_tiny_models": "60 lines in 24 code cells",
+    "01_membership_inference": "102 lines in 29 code cells",
+    "05_gcg": "81 lines in 24 code cells",
+    "08_pruning": "66 lines in 20 code cells",
+}
+
+
+def _long_code_lines(nb: dict) -> list[str]:
+    long = []
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        for j, line in enumerate(_source(cell).splitlines(), 1):
+            if len(line) > MAX_CODE_LINE:
+                long.append(f"cell {i} line {j} ({len(line)} chars)")
+    return long
+
+
+def test_code_lines_fit_the_page(notebook, request):
+    """Issue 14: the book cuts code at the column width; a notebook's code lines stay within 88 characters."""
+    path, nb = notebook
+    if path.stem in LONG_CODE_LINES:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            f"{path.stem}: {LONG_CODE_LINES[path.stem]} over {MAX_CODE_LINE} characters, not yet reflowed")))
+    long = _long_code_lines(nb)
+    assert not long, f"{path.name}: {len(long)} code lines over {MAX_CODE_LINE} characters: {', '.join(long)}"
+
+
+def test_glossary_terms_are_search_words():
+    """Sphinx's Chinese search cuts text with jieba; every glossary term must be in the dictionary that
+    _config.yml gives it (html_search_options), or the term is cut in pieces and a search for it finds
+    nothing. tools/check_browser.py then searches each term in the built book."""
+    from tools import check_browser
+
+    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+    dict_path = ROOT / config["sphinx"]["config"]["html_search_options"]["dict"]
+    words = set(dict_path.read_text(encoding="utf-8").split())
+    glossary = check_browser.search_words((ROOT / "book" / "notation.md").read_text(encoding="utf-8"))
+    assert glossary, "no glossary terms found in book/notation.md"
+    missing = [word for word in glossary if word not in words]
+    assert not missing, f"glossary terms missing from {dict_path.relative_to(ROOT)}: {missing}"
+    required = set(check_browser.REQUIRED_SEARCHES)
+    assert required <= words, f"{sorted(required - words)} missing from {dict_path.relative_to(ROOT)}"
+
+
+def test_browser_check_helpers():
+    """The pure parts of tools/check_browser.py: glossary parsing, expected search hits, raw TeX, URLs."""
+    from tools import check_browser as cb
+
+    notation = ("| 中文 | English | 首次出现 |\n|---|---|---|\n| 剪枝 / 稀疏化 | pruning | 第 08 章 |\n"
+                "| 金丝雀（植入的秘密） | canary | 第 00 章 |\n| 字节级 BPE | byte-level BPE | 第 00 章 |\n"
+                "| 水印 | watermark | 第 07 章 |\n")
+    assert cb.glossary_terms(notation) == [("剪枝", "08"), ("稀疏化", "08"), ("金丝雀", "00"),
+                                           ("字节级 BPE", "00"), ("水印", "07")]
+    assert cb.search_words(notation) == ["剪枝", "稀疏化", "金丝雀", "字节级", "水印"]
+    pages = ["book/intro.md", "notebooks/00_tiny_models", "notebooks/08_pruning.ipynb"]
+    assert cb.chapter_pages(pages) == {"00": "notebooks/00_tiny_models", "08": "notebooks/08_pruning"}
+    expected = cb.search_expectations(notation, pages)
+    assert expected["剪枝"] == "notebooks/08_pruning" and expected["金丝雀"] == "notebooks/00_tiny_models"
+    assert "水印" not in expected, "a chapter that is not in the book is not searched"
+    assert cb.raw_tex("损失 $$\\ell$$ 与 \\(x\\)") and cb.raw_tex("\\frac{a}{b}") and cb.raw_tex("\\[x\\]")
+    assert not cb.raw_tex("价格 $5 与 $6，路径 a\\b，换行 \\n"), "a lone $ or one-letter escape is not TeX"
+    base = "http://127.0.0.1:8000/search.html"
+    assert cb.docname("notebooks/05_gcg.html?highlight=x#id1", base) == "notebooks/05_gcg"
+    assert cb.docname("../book/intro.html", "http://127.0.0.1:8000/notebooks/a.html") == "book/intro"
+    assert cb.is_external("https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js", "http://127.0.0.1:8000/")
+    assert not cb.is_external("http://127.0.0.1:8000/_static/mathjax/tex-mml-chtml.js", "http://127.0.0.1:8000/")
+    assert not cb.is_external("data:image/png;base64,AAAA", "http://127.0.0.1:8000/")
+
+
+def test_book_check_finds_remote_assets():
+    """tools/check_book.py's text check: what a browser fetches by itself, not what a reader may click."""
+    from tools import check_book
+
+    page = ('<script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"></script>'
+            '<link rel="stylesheet" href="//fonts.example.org/a.css"><img src="https://x.org/badge.svg">'
+            '<div style="background: url(https://x.org/bg.png)"></div>'
+            '<a href="https://colab.research.google.com/github/x">Colab</a>'
+            '<link rel="canonical" href="https://example.org/"><script src="../_static/local.js"></script>')
+    assert check_book.remote_assets(page) == [
+        "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js", "https://x.org/badge.svg",
+        "//fonts.example.org/a.css", "https://x.org/bg.png"]
+    assert check_book.remote_assets("@import 'https://x.org/a.css'; a { b: url(\"../f.woff\") }", css=True) == [
+        "https://x.org/a.css"]

@@ -1,4 +1,5 @@
-"""Check the built HTML book: every toc page exists, nothing was left unrendered, every image exists.
+"""Check the built HTML book: every toc page exists, nothing was left unrendered, every image exists, and
+no page or stylesheet loads anything from the internet (tools/check_browser.py checks the same in a browser).
 
     python tools/check_book.py _build/html
 """
@@ -14,6 +15,20 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 UNRENDERED = [r"\{glue:", r"\{glue\}", r"\{cite(:\w+)?\}", r"\{doc\}", r"\{ref\}", r"\{numref\}",
               r"```\{", r":::\{", r"\{exercise\}", r"\{solution"]
+# What a browser fetches by itself: scripts, images, frames, media, stylesheets, icons, preloads, CSS url().
+REMOTE_TAG = re.compile(r"<(script|img|iframe|source|video|audio|embed)\b[^>]*?\bsrc=[\"']((?:https?:)?//[^\"']+)", re.I)
+REMOTE_LINK = re.compile(r"<link\b[^>]*?\bhref=[\"']((?:https?:)?//[^\"']+)[^>]*>", re.I)
+FETCHED_LINK = re.compile(r"\brel=[\"'][^\"']*\b(stylesheet|icon|preload|modulepreload|manifest|prefetch)\b", re.I)
+REMOTE_CSS = re.compile(r"(?:url\(\s*[\"']?|@import\s+[\"'])((?:https?:)?//[^\"')\s]+)", re.I)
+
+
+def remote_assets(text: str, css: bool = False) -> list[str]:
+    """URLs outside the book that a browser would fetch when it opens this HTML (or CSS) text."""
+    if css:
+        return REMOTE_CSS.findall(text)
+    found = [url for _, url in REMOTE_TAG.findall(text)]
+    found += [m.group(1) for m in REMOTE_LINK.finditer(text) if FETCHED_LINK.search(m.group(0))]
+    return found + REMOTE_CSS.findall(" ".join(re.findall(r"<style.*?</style>|style=\"[^\"]*\"", text, re.S)))
 
 
 def toc_files(node) -> list[str]:
@@ -47,11 +62,16 @@ def main(html_dir: str) -> int:
         for pattern in UNRENDERED:
             if re.search(pattern, body):
                 problems.append(f"{page.relative_to(html)}: unrendered markup matching {pattern!r}")
+        for url in remote_assets(text):
+            problems.append(f"{page.relative_to(html)}: loads {url} from the internet")
         for src in re.findall(r'<img[^>]+src="([^"]+)"', text):
             if src.startswith(("http://", "https://", "data:")):
                 continue
             if not (page.parent / src.split("#")[0]).resolve().is_file():
                 problems.append(f"{page.relative_to(html)}: image {src} does not exist")
+    for sheet in sorted(html.rglob("*.css")):
+        for url in remote_assets(sheet.read_text(encoding="utf-8", errors="replace"), css=True):
+            problems.append(f"{sheet.relative_to(html)}: loads {url} from the internet")
     for problem in problems:
         print("book check:", problem)
     print(f"book check: {len(toc_files(toc))} toc pages, {len(problems)} problems")
