@@ -51,10 +51,7 @@ REQUIRED_SEARCHES = {"成员推理": "01", "剪枝": "08", "对抗性后缀": "0
 # Widget cells that have no static counterpart in the book yet (a figure of what the widget shows, or saved
 # widget state). Strict: a listed page whose widget section now shows something fails, so that the entry
 # is removed and the check guards it from then on.
-WIDGETS_WITHOUT_STATIC: dict[str, str] = {
-    "notebooks/01_membership_inference": "cell 67 (交互：沿 ROC 移动阈值): widgets.interact(at_threshold, ...)",
-    "notebooks/08_pruning": "cell 48 (交互：稀疏度、模式与掩码): widgets.interact(explore, ...)",
-}
+WIDGETS_WITHOUT_STATIC: dict[str, str] = {}
 # Glossary terms (book/notation.md) that their chapter never writes, so the search finds only the glossary.
 # Strict like the widget list: an entry the search now finds fails until it is removed. Fix by using the
 # term in the chapter's prose or by changing the glossary to the chapter's wording.
