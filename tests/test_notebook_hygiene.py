@@ -190,12 +190,7 @@ MAX_CODE_LINE = 88
 # Notebooks with code lines over MAX_CODE_LINE when this test was added (issue 14), to be reflowed (or the
 # long helpers moved into companion) and re-executed. Strict: once a notebook fits, its xfail fails; then
 # delete its entry here.
-LONG_CODE_LINES = {
-    "00_tiny_models": "60 lines in 24 code cells",
-    "01_membership_inference": "102 lines in 29 code cells",
-    "05_gcg": "81 lines in 24 code cells",
-    "08_pruning": "66 lines in 20 code cells",
-}
+LONG_CODE_LINES: dict[str, str] = {}
 
 
 def _long_code_lines(nb: dict) -> list[str]:
