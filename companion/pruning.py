@@ -197,7 +197,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     dead = torch.diag(H) == 0  # inputs that were always zero: any weight there is free to prune
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(columns)
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(columns, device=H.device, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     for start in range(0, columns, blocksize):

@@ -442,3 +442,21 @@ def test_is_nm_sparse():
 def test_semi_structured_sizes_add_up():
     sizes = pruning.semi_structured_bytes(64, 32, bits=8)
     assert sizes == {"dense": 2048, "values": 1024, "metadata": 256, "sparse_total": 1280}
+
+
+def test_sparsegpt_builds_every_tensor_on_the_hessians_device(monkeypatch):
+    """On a CUDA model the damping identity must live on the GPU too (it was created on the CPU)."""
+    made = []
+    real_eye = torch.eye
+
+    def recording_eye(*args, **kwargs):
+        made.append((kwargs.get("device"), kwargs.get("dtype")))
+        return real_eye(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "eye", recording_eye)
+    weight = torch.randn(4, 8, dtype=torch.float64)
+    x = torch.randn(32, 8, dtype=torch.float64)
+    pruned = pruning.sparsegpt_prune(weight, x.T @ x, 0.5, blocksize=4)
+    # the identity is made where H lives, in H's working precision (float32)
+    assert made and all(device == torch.device("cpu") and dtype == torch.float32 for device, dtype in made)
+    assert (pruned == 0).float().mean() == 0.5
