@@ -534,11 +534,12 @@ def _unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 
 
 class QuantizedLinear(nn.Module):
-    """A converted layer: weights stored as real packed integer codes (uint8 buffers holding 1, 2 or 4
+    """A converted layer: weights stored as real packed integer codes (``packed``: uint8 holding 1, 2 or 4
     codes per byte), fp16 scales and int8 zero points, dequantized in each forward pass (a weight-only
     kernel written in PyTorch: honest about size, not a speed-up on a CPU). With 8-bit symmetric
     per-channel weights and 8-bit symmetric dynamic per-token activations it instead computes the
-    product in integers with ``torch._int_mm`` (int8 x int8 -> int32, then rescaled)."""
+    product in integers with ``torch._int_mm`` (int8 x int8 -> int32, then rescaled); ``packed`` then
+    holds the int8 codes transposed, ``[in, out]``."""
 
     def __init__(self, fake: FakeQuantLinear):
         super().__init__()
@@ -561,7 +562,13 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.bits, self.qmin = c.weight_bits, qmin
         self.granularity, self.group_size = fake.granularity, fake.group_size
-        self.register_buffer("packed", _pack((codes - qmin).to(torch.int16), c.weight_bits))
+        self.int8_matmul = (c.weight_bits == 8 and c.weight_symmetric and c.weight_granularity == "per_channel"
+                            and c.weight_range != "lsq" and c.activation_bits == 8 and c.activation_symmetric
+                            and not c.activation_static and c.activation_granularity == "per_token")
+        if self.int8_matmul:  # int8 codes, transposed for torch._int_mm: [in, out]
+            self.register_buffer("packed", codes.reshape(self.out_features, -1).to(torch.int8).t().contiguous())
+        else:
+            self.register_buffer("packed", _pack((codes - qmin).to(torch.int16), c.weight_bits))
         self.register_buffer("scale", scale.to(torch.float16))
         symmetric = bool((zero == 0).all())
         self.register_buffer("zero", None if symmetric else zero.to(torch.int8))
@@ -569,14 +576,11 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("act_scale", fake.act_scale.clone())
         self.register_buffer("act_zero", fake.act_zero.clone())
-        self.int8_matmul = (c.weight_bits == 8 and c.weight_symmetric and c.weight_granularity == "per_channel"
-                            and c.activation_bits == 8 and c.activation_symmetric and not c.activation_static
-                            and c.activation_granularity == "per_token")
-        if self.int8_matmul:
-            self.register_buffer("weight_int8_t", (codes.reshape(self.out_features, -1)).to(torch.int8).t().contiguous())
 
     def codes(self) -> torch.Tensor:
         """The integer codes ``[out, in]`` as int16 (unpacked)."""
+        if self.int8_matmul:
+            return self.packed.t().to(torch.int16)
         numel = self.out_features * self.in_features
         return (_unpack(self.packed, self.bits, numel).to(torch.int16) + self.qmin).reshape(
             self.out_features, self.in_features)
@@ -592,7 +596,7 @@ class QuantizedLinear(nn.Module):
             rows = x.reshape(-1, x.shape[-1])
             a_scale = (rows.abs().amax(1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).eps)
             a_int = torch.clamp(torch.round(rows / a_scale), -127, 127).to(torch.int8)
-            out = torch._int_mm(a_int, self.weight_int8_t).float() * a_scale * self.scale.float().reshape(1, -1)
+            out = torch._int_mm(a_int, self.packed).float() * a_scale * self.scale.float().reshape(1, -1)
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
         if c.activation_bits is not None:
@@ -681,3 +685,62 @@ def latency(model: nn.Module, inputs: torch.Tensor, repeats: int = 20, warmup: i
         call()
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The chapter's data and its one fine-tuning procedure (shared by QAT, the control and torchao)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LMSplits:
+    """Token windows for the course LM, all of ``context`` tokens (never longer than it was trained on):
+    ``docs`` and ``bios`` (the training mixture, for fine-tuning), ``calib`` (training-split documentation
+    windows for PTQ calibration) and ``valid`` (the held-out documentation, for evaluation only)."""
+
+    docs: tuple[torch.Tensor, torch.Tensor]
+    bios: tuple[torch.Tensor, torch.Tensor]
+    calib: torch.Tensor
+    valid: torch.Tensor
+
+
+def lm_splits(tokenizer, context: int = 128, calib_windows: int = 32, seed: int = 0, world_seed: int = 0) -> LMSplits:
+    """The documentation split of ``zoo.corpus`` cut into ``context``-token windows, the member biographies
+    packed into windows, and ``calib_windows`` training windows drawn with ``seed`` for calibration."""
+    from companion import zoo
+    from companion.train import pack_sequences, stream_windows
+
+    context = check_int("context", context, minimum=2)
+    calib_windows = check_int("calib_windows", calib_windows, minimum=1)
+    check_int("seed", seed, minimum=0)
+    if not callable(tokenizer) or not hasattr(tokenizer, "eos_token_id"):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    source = zoo.corpus(world_seed)
+
+    def stream(docs):
+        return [i for d in docs for i in tokenizer(d.text)["input_ids"] + [tokenizer.eos_token_id]]
+
+    docs = stream_windows(stream(source.train_docs), context)
+    bios = pack_sequences([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in source.world.training_texts()],
+                          context, tokenizer.pad_token_id)
+    order = torch.randperm(len(docs[0]), generator=torch.Generator().manual_seed(seed))
+    return LMSplits(docs=docs, bios=bios, calib=docs[0][order[:calib_windows]],
+                    valid=stream_windows(stream(source.valid_docs), context)[0])
+
+
+def finetune(model: nn.Module, splits: LMSplits, steps: int = 60, batch_size: int = 16, lr: float = 1e-3,
+             seed: int = 0) -> list[float]:
+    """The one fine-tuning procedure of the chapter, for a QAT-prepared model (ours or torchao's) and for
+    the full-precision control alike: ``steps`` AdamW steps with a cosine schedule on batches of the
+    training mixture (half documentation, half biographies), drawn with ``seed``. Same seed, same batches:
+    every arm sees the same data and the same number of forward and backward passes."""
+    from companion.train import mixed_batches, train_causal_lm
+
+    check_module("model", model)
+    if not isinstance(splits, LMSplits):
+        raise TypeError(f"splits must be an LMSplits (from lm_splits), got {type(splits).__name__}")
+    batch_size = check_int("batch_size", batch_size, minimum=2)
+    seed = check_int("seed", seed, minimum=0)
+    torch.manual_seed(seed)
+    batches = mixed_batches([splits.docs, splits.bios], [batch_size - batch_size // 2, batch_size // 2], seed=seed)
+    return train_causal_lm(model, batches, steps=steps, lr=lr)

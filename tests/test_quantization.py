@@ -101,6 +101,8 @@ def test_lsq_step_gradient_matches_esser_eq3():
 
 
 @pytest.mark.parametrize("config", [Q.QuantConfig(4, group_size=8), Q.QuantConfig(8, "per_channel", None, activation_bits=8),
+                                    Q.QuantConfig(8, "per_channel", None, weight_symmetric=True, activation_bits=8,
+                                                  activation_symmetric=True),  # the torch._int_mm path
                                     Q.QuantConfig(2, "per_channel", None, weight_symmetric=True, weight_range="lsq")])
 def test_prepare_train_convert_on_both_architectures(tiny_lm, config):
     model, tok = tiny_lm
@@ -122,6 +124,8 @@ def test_prepare_train_convert_on_both_architectures(tiny_lm, config):
     Q.convert(model)
     assert not Q.fake_quant_layers(model) and any(isinstance(m, Q.QuantizedLinear) for m in model.modules())
     real = model(input_ids=ids).logits
+    int8 = [m.int8_matmul for m in model.modules() if isinstance(m, Q.QuantizedLinear)]
+    assert all(int8) == (config.activation_symmetric and config.weight_bits == 8)
     assert (real - fake).abs().max() < 0.05 * fake.abs().max()  # fp16 scales, integer matmul
 
 
