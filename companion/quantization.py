@@ -538,8 +538,9 @@ class QuantizedLinear(nn.Module):
     codes per byte), fp16 scales and int8 zero points, dequantized in each forward pass (a weight-only
     kernel written in PyTorch: honest about size, not a speed-up on a CPU). With 8-bit symmetric
     per-channel weights and 8-bit symmetric dynamic per-token activations it instead computes the
-    product in integers with ``torch._int_mm`` (int8 x int8 -> int32, then rescaled); ``packed`` then
-    holds the int8 codes transposed, ``[in, out]``."""
+    product in integers with ``torch._int_mm`` (int8 x int8 -> int32, then rescaled; see
+    :func:`int_mm_is_exact` for where that kernel is wrong); ``packed`` then holds the int8 codes
+    transposed, ``[in, out]``."""
 
     def __init__(self, fake: FakeQuantLinear):
         super().__init__()
@@ -596,7 +597,7 @@ class QuantizedLinear(nn.Module):
             rows = x.reshape(-1, x.shape[-1])
             a_scale = (rows.abs().amax(1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).eps)
             a_int = torch.clamp(torch.round(rows / a_scale), -127, 127).to(torch.int8)
-            out = torch._int_mm(a_int, self.packed).float() * a_scale * self.scale.float().reshape(1, -1)
+            out = _int8_matmul(a_int, self.packed) * a_scale * self.scale.float().reshape(1, -1)
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
         if c.activation_bits is not None:
@@ -606,6 +607,33 @@ class QuantizedLinear(nn.Module):
             else:
                 x = fake_quantize(x, c.activation_bits, c.activation_granularity, c.activation_symmetric, ste=c.ste)
         return F.linear(x, self.dequantized_weight(), self.bias)
+
+
+_INT_MM_EXACT: bool | None = None
+
+
+def int_mm_is_exact() -> bool:
+    """Whether ``torch._int_mm`` multiplies int8 matrices exactly on this machine (checked once with
+    extreme values). On a CPU whose oneDNN is limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, which the
+    course sets for reproducibility) it does not: without VNNI the u8 x s8 dot products saturate at
+    16 bits, and the results are silently wrong."""
+    global _INT_MM_EXACT
+    if _INT_MM_EXACT is None:
+        a = torch.tensor([[-127, -127, 127, 127] * 8] * 32, dtype=torch.int8)
+        b = torch.full((32, 32), -127, dtype=torch.int8)
+        try:
+            _INT_MM_EXACT = torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+        except RuntimeError:
+            _INT_MM_EXACT = False
+    return _INT_MM_EXACT
+
+
+def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for int8 matrices as exact int32 sums: ``torch._int_mm`` where it is exact, else float32
+    arithmetic on the codes (exact while ``in_features * 127^2 < 2^24``, i.e. up to 1,040 inputs)."""
+    if int_mm_is_exact():
+        return torch._int_mm(a, b).float()
+    return a.float() @ b.float()
 
 
 @torch.no_grad()
@@ -632,13 +660,20 @@ def convert(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def window_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float:
     """``exp`` of the mean next-token NLL over token windows ``[n, T]`` (all tokens real; cut long text
-    with ``train.stream_windows`` so that ``T`` stays within the context the model was trained on)."""
+    with ``train.stream_windows`` so that ``T`` stays within the context the model was trained on, which a
+    zoo model records as ``config.trained_context``). Non-overlapping windows in the training format:
+    each window's first tokens are predicted from a short prefix, as in training; cheaper than
+    ``metrics.perplexity``'s sliding windows, which give every token a long prefix."""
     check_module("model", model)
     check_tensor("windows", windows, ndim=2, kind="int", nonempty=True)
     if windows.shape[1] < 2:
         raise ValueError(f"windows must have at least 2 tokens each, got shape {tuple(windows.shape)}")
     check_token_ids("windows", windows, model)
     check_int("batch_size", batch_size, minimum=1)
+    trained = getattr(getattr(model, "config", None), "trained_context", None)
+    if isinstance(trained, int) and windows.shape[1] > trained:
+        raise ValueError(f"windows have {windows.shape[1]} tokens, more than the {trained} the model was trained on "
+                         "(config.trained_context): cut them shorter")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

@@ -203,3 +203,12 @@ def test_agrees_with_torchao_fake_quantizer():
             mine = Q.fake_quantize(x, bits, "per_group", symmetric=symmetric, group_size=32)
             ratio = (mine - x).pow(2).mean() / (theirs - x).pow(2).mean()
             assert 0.25 < ratio < 4, (bits, symmetric, float(ratio))  # measured 0.4-1.1
+
+
+def test_int8_matmul_is_exact_on_any_cpu():
+    """The W8A8 path must give exact integer sums even where torch._int_mm saturates (oneDNN on AVX2)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (24, 256), generator=g).to(torch.int8)
+    b = torch.randint(-127, 128, (256, 40), generator=g).to(torch.int8)
+    assert torch.equal(Q._int8_matmul(a, b).long(), a.long() @ b.long())
+    assert isinstance(Q.int_mm_is_exact(), bool)
