@@ -1,0 +1,781 @@
+"""Quantization from scratch: affine quantizers, post-training quantization (PTQ), and quantization-aware
+training (QAT) with fake quantization and the straight-through estimator.
+
+The module reads as the chapter does:
+
+1. **The quantizer.** A real number ``x`` becomes an integer code
+   ``q = clamp(round(x / s) + z, q_min, q_max)`` and is read back as ``x_hat = (q - z) * s``
+   (Jacob et al. 2018, Eq. 1). Symmetric quantizers fix ``z = 0``; asymmetric (affine) ones choose
+   ``z`` so that the range ``[lo, hi]`` (which always contains 0) maps onto ``[q_min, q_max]``. One
+   ``(s, z)`` pair is shared per tensor, per channel (per row of the last dimension: an output channel
+   of a weight, a token of an activation) or per group of ``group_size`` consecutive entries.
+2. **Ranges.** Min-max uses the full range; a percentile range clips the tails; the MSE range
+   searches the clipping ratio that minimises ``||x - x_hat||^2`` (the "L2" observer of PyTorch).
+3. **Fake quantization and the STE.** ``round`` has zero gradient almost everywhere, so QAT uses the
+   straight-through estimator (Bengio et al. 2013): the forward pass sees ``x_hat``, the backward pass
+   treats quantize-dequantize as the identity; the *clipped* STE passes the gradient only where
+   ``x`` lies inside the representable range (as LLM-QAT does, Liu et al. 2023).
+4. **LSQ** (Esser et al. 2020, "Learned Step Size Quantization", Eqs. 1-3 and Sec. 2.2): the step ``s``
+   is a parameter trained by backpropagation, its gradient scaled by ``g = 1 / sqrt(N * Q_P)``.
+5. **Layers.** :func:`prepare_qat` swaps every linear layer of a model's decoder blocks (or of a plain
+   network) for a :class:`FakeQuantLinear`; the same prepared model, not trained, *is* PTQ with
+   round-to-nearest weights (static activation ranges come from :func:`calibrate_ptq`). :func:`convert`
+   then stores the weights as real packed int8 / int4 / int2 codes (:class:`QuantizedLinear`).
+
+Everything is plain PyTorch and works unchanged on a Hugging Face model of either layer type
+(``nn.Linear`` or GPT-2's ``Conv1D``); embeddings and the LM head stay in full precision.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from companion.checks import (check_bool, check_choice, check_float, check_int, check_module, check_tensor,
+                              check_token_ids)
+from companion.pruning import block_layers, decoder_blocks, is_prunable, weight_matrix
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_token", "per_group")
+RANGES = ("minmax", "percentile", "mse")
+STES = ("plain", "clipped")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The quantizer: integer grid, scale and zero point
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_bits(bits) -> int:
+    return check_int("bits", bits, minimum=2, maximum=8)
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer codes of a ``bits``-bit quantizer.
+
+    Symmetric: ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (the "restricted" signed range: zero sits in the middle
+    and ``-x`` quantizes to ``-q(x)``; at 2 bits this is ternary, {-1, 0, 1}). Asymmetric: the
+    ``2^b`` codes ``[-2^(b-1), 2^(b-1) - 1]`` shifted by a zero point.
+    """
+    bits = _check_bits(bits)
+    check_bool("symmetric", symmetric)
+    half = 2 ** (bits - 1)
+    return (-(half - 1), half - 1) if symmetric else (-half, half - 1)
+
+
+def _rows(x: torch.Tensor, granularity: str, group_size: int | None) -> torch.Tensor:
+    """``x`` viewed as ``[n_groups, group]``: every row shares one scale and zero point."""
+    if granularity == "per_tensor":
+        return x.reshape(1, -1)
+    if granularity in ("per_channel", "per_token"):
+        return x.reshape(-1, x.shape[-1])
+    return x.reshape(-1, group_size)
+
+
+def _check_layout(x, granularity, group_size) -> tuple[str, int | None]:
+    check_choice("granularity", granularity, GRANULARITIES)
+    if granularity == "per_group":
+        group_size = check_int("group_size", group_size, minimum=1)
+        if x.ndim == 0 or x.shape[-1] % group_size:
+            raise ValueError(f"group_size must divide the last dimension of x ({tuple(x.shape)[-1:]}), "
+                             f"got group_size={group_size}")
+    elif group_size is not None:
+        raise ValueError(f"group_size is only used with granularity='per_group', got group_size={group_size!r} "
+                         f"with granularity={granularity!r}")
+    return granularity, group_size
+
+
+def _check_x(x) -> torch.Tensor:
+    return check_tensor("x", x, kind="float", finite=True, nonempty=True)
+
+
+def _row_range(rows: torch.Tensor, method: str, percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` per row, both ``[n, 1]``, from the min-max or a percentile of the row."""
+    if method == "percentile":
+        q = torch.tensor([1 - percentile / 100, percentile / 100], dtype=rows.dtype)
+        lo, hi = torch.quantile(rows.float(), q.float(), dim=1, keepdim=True).to(rows.dtype)
+    else:
+        lo, hi = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+    return lo, hi
+
+
+def _scale_zero(lo, hi, qmin, qmax, symmetric):
+    """Scale and zero point that map ``[min(lo, 0), max(hi, 0)]`` onto ``[qmin, qmax]``."""
+    eps = torch.finfo(torch.float32).eps
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    if symmetric:
+        scale = (torch.maximum(-lo, hi) / qmax).clamp(min=eps)
+        return scale, torch.zeros_like(scale)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=eps)
+    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero
+
+
+def _quant(rows, scale, zero, qmin, qmax):
+    return torch.clamp(torch.round(rows / scale) + zero, qmin, qmax)
+
+
+def choose_qparams(x: torch.Tensor, bits: int = 8, granularity: str = "per_tensor", symmetric: bool = True,
+                   group_size: int | None = None, method: str = "minmax", percentile: float = 99.9
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale ``s`` and zero point ``z`` (each ``[n_groups, 1]``) for ``x`` at the given granularity.
+
+    ``method``: ``"minmax"`` (the full range), ``"percentile"`` (clip to the ``percentile``-th and
+    ``100 - percentile``-th percentiles of each group) or ``"mse"`` (search a clipping ratio
+    ``r`` in ``[0.2, 1]`` of the min-max range per group, keeping the one with the least
+    ``||x - x_hat||^2``; the L2 observer of PyTorch and the "grid search" of many PTQ papers).
+    """
+    x = _check_x(x)
+    qmin, qmax = qrange(bits, symmetric)
+    granularity, group_size = _check_layout(x, granularity, group_size)
+    check_choice("method", method, RANGES)
+    percentile = check_float("percentile", percentile, 50, 100, open_minimum=True)
+    rows = _rows(x.detach(), granularity, group_size)
+    lo, hi = _row_range(rows, "percentile" if method == "percentile" else "minmax", percentile)
+    if method != "mse":
+        return _scale_zero(lo, hi, qmin, qmax, symmetric)
+    best, best_error = None, None
+    for ratio in torch.linspace(0.2, 1.0, 33).tolist():
+        scale, zero = _scale_zero(lo * ratio, hi * ratio, qmin, qmax, symmetric)
+        error = ((rows - (_quant(rows, scale, zero, qmin, qmax) - zero) * scale) ** 2).sum(1, keepdim=True)
+        if best is None:
+            best, best_error = (scale, zero), error
+        else:
+            better = error < best_error
+            best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
+            best_error = torch.minimum(error, best_error)
+    return best
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor: integer ``codes`` (int8 storage, values in ``[qmin, qmax]``), per-group
+    ``scale`` and ``zero_point`` (``[n_groups, 1]``) and what is needed to read it back."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    granularity: str
+    group_size: int | None
+    shape: tuple[int, ...]
+
+    def dequantize(self) -> torch.Tensor:
+        """``(q - z) * s`` in the original shape."""
+        rows = _rows(self.codes.float(), self.granularity, self.group_size)
+        return ((rows - self.zero_point) * self.scale).reshape(self.shape)
+
+    def storage_bytes(self, scale_bytes: int = 2) -> int:
+        """Bytes when the codes are bit-packed and each group stores a scale (fp16 by default) and, if
+        asymmetric, an int8 zero point."""
+        codes = math.ceil(self.codes.numel() * self.bits / 8)
+        zeros = 0 if bool((self.zero_point == 0).all()) else self.zero_point.numel()
+        return codes + self.scale.numel() * scale_bytes + zeros
+
+
+def quantize_tensor(x: torch.Tensor, bits: int = 8, granularity: str = "per_tensor", symmetric: bool = True,
+                    group_size: int | None = None, method: str = "minmax", percentile: float = 99.9) -> QTensor:
+    """Round-to-nearest quantization of ``x``: ``q = clamp(round(x / s) + z, q_min, q_max)`` with
+    ``(s, z)`` from :func:`choose_qparams`. ``quantize_tensor(x, ...).dequantize()`` is ``x_hat``."""
+    scale, zero = choose_qparams(x, bits, granularity, symmetric, group_size, method, percentile)
+    qmin, qmax = qrange(bits, symmetric)
+    codes = _quant(_rows(x.detach(), granularity, group_size), scale, zero, qmin, qmax)
+    return QTensor(codes.to(torch.int8).reshape(x.shape), scale, zero, bits, granularity, group_size,
+                   tuple(x.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Fake quantization with the straight-through estimator
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_rows(rows, scale, zero, qmin, qmax, ste):
+    """Quantize-dequantize ``rows`` in the forward pass; in the backward pass the identity (``plain``)
+    or the identity inside the representable range ``[(qmin - z) s, (qmax - z) s]`` and zero outside
+    (``clipped``)."""
+    x_hat = (_quant(rows, scale, zero, qmin, qmax) - zero) * scale
+    if ste == "clipped":
+        rows = torch.maximum(torch.minimum(rows, (qmax - zero) * scale), (qmin - zero) * scale)
+    return rows + (x_hat - rows).detach()
+
+
+def fake_quantize(x: torch.Tensor, bits: int = 8, granularity: str = "per_tensor", symmetric: bool = True,
+                  group_size: int | None = None, method: str = "minmax", ste: str = "clipped",
+                  scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """``x_hat`` with a straight-through gradient (Bengio et al. 2013; the clipped variant zeroes the
+    gradient outside the range, as in Jacob et al. 2018 and LLM-QAT).
+
+    The range is chosen from the detached ``x`` by ``method`` (dynamic quantization), unless a
+    precomputed ``scale`` and ``zero_point`` (``[n_groups, 1]``, e.g. calibrated static ranges) are given.
+    """
+    x = check_tensor("x", x, kind="float", nonempty=True)
+    check_choice("ste", ste, STES)
+    qmin, qmax = qrange(bits, symmetric)
+    granularity, group_size = _check_layout(x, granularity, group_size)
+    rows = _rows(x, granularity, group_size)
+    if scale is None:
+        if zero_point is not None:
+            raise ValueError("zero_point needs scale too; got zero_point without scale")
+        scale, zero_point = choose_qparams(x, bits, granularity, symmetric, group_size, method)
+    else:
+        check_tensor("scale", scale, kind="float", finite=True)
+        zero_point = torch.zeros_like(scale) if zero_point is None else check_tensor("zero_point", zero_point,
+                                                                                     finite=True)
+        if bool((scale <= 0).any()):
+            raise ValueError(f"scale must be > 0, got a minimum of {float(scale.min())}")
+        if scale.numel() not in (1, rows.shape[0]) or zero_point.shape != scale.shape:
+            raise ValueError(f"scale and zero_point must have 1 or {rows.shape[0]} entries (one per group) and "
+                             f"the same shape, got {tuple(scale.shape)} and {tuple(zero_point.shape)}")
+        scale, zero_point = scale.reshape(-1, 1), zero_point.reshape(-1, 1)
+    return _fake_rows(rows, scale, zero_point, qmin, qmax, ste).reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. LSQ: a learned step size
+# ---------------------------------------------------------------------------------------------
+
+
+def _grad_scale(value: torch.Tensor, factor: float) -> torch.Tensor:
+    """``value`` in the forward pass, gradient multiplied by ``factor`` in the backward pass."""
+    scaled = value * factor
+    return (value - scaled).detach() + scaled
+
+
+class LSQQuantizer(nn.Module):
+    """Learned Step Size Quantization (Esser et al. 2020).
+
+    ``x_hat = round(clamp(x / s, -Q_N, Q_P)) * s`` (their Eqs. 1-2) with a straight-through ``round``,
+    so that ``d x_hat / d s = -x/s + round(x/s)`` inside the range and ``-Q_N`` or ``Q_P`` outside
+    (Eq. 3); that gradient is multiplied by ``g = 1 / sqrt(N * Q_P)`` where ``N`` is the number of
+    values sharing the step (Sec. 2.2). Signed data use ``Q_N = 2^(b-1)``, ``Q_P = 2^(b-1) - 1``.
+    The step is initialised on the first call as ``2 <|x|> / sqrt(Q_P)`` (per row of ``x`` viewed as
+    ``[groups, N]`` with ``groups`` steps), as the paper does.
+    """
+
+    def __init__(self, bits: int = 4, groups: int = 1, signed: bool = True):
+        super().__init__()
+        bits = _check_bits(bits)
+        self.groups = check_int("groups", groups, minimum=1)
+        check_bool("signed", signed)
+        self.bits, self.signed = bits, signed
+        self.q_n, self.q_p = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        self.step = nn.Parameter(torch.ones(self.groups, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, kind="float", nonempty=True)
+        if x.numel() % self.groups:
+            raise ValueError(f"x has {x.numel()} values, not divisible into groups={self.groups}")
+        rows = x.reshape(self.groups, -1)
+        if not bool(self.initialized):
+            with torch.no_grad():
+                self.step.copy_(2 * rows.abs().mean(1, keepdim=True) / math.sqrt(self.q_p))
+                self.step.clamp_(min=1e-8)
+                self.initialized.fill_(True)
+        step = _grad_scale(self.step, 1.0 / math.sqrt(rows.shape[1] * self.q_p))
+        v = torch.clamp(rows / step, -self.q_n, self.q_p)
+        v = v + (torch.round(v) - v).detach()
+        return (v * step).reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Layers: a fake-quantized linear layer, prepare / calibrate / convert
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how (the chapter's W4A8 is ``QuantConfig(4, activation_bits=8)``).
+
+    Weights: ``weight_bits`` in [2, 8], per output channel or per group of ``group_size`` inputs,
+    symmetric or not, range by ``weight_range`` (``"minmax"``, ``"percentile"``, ``"mse"``, or ``"lsq"``
+    for a learned step per group). Activations (the layer's input): ``activation_bits=None`` for
+    weight-only, else dynamic (ranges per token from each input) or static (``activation_static``:
+    one range per layer, set by :func:`calibrate_ptq`).
+    """
+
+    weight_bits: int = 4
+    weight_granularity: str = "per_group"
+    group_size: int | None = 32
+    weight_symmetric: bool = False
+    weight_range: str = "minmax"
+    activation_bits: int | None = None
+    activation_granularity: str = "per_token"
+    activation_symmetric: bool = False
+    activation_static: bool = False
+    ste: str = "clipped"
+
+    def __post_init__(self):
+        check_int("weight_bits", self.weight_bits, minimum=2, maximum=8)
+        check_choice("weight_granularity", self.weight_granularity, ("per_tensor", "per_channel", "per_group"))
+        if self.weight_granularity == "per_group":
+            check_int("group_size", self.group_size, minimum=1)
+        elif self.group_size is not None:
+            raise ValueError(f"group_size must be None unless weight_granularity='per_group', got {self.group_size!r}")
+        check_bool("weight_symmetric", self.weight_symmetric)
+        check_choice("weight_range", self.weight_range, (*RANGES, "lsq"))
+        if self.weight_range == "lsq" and not self.weight_symmetric:
+            raise ValueError("weight_range='lsq' learns a symmetric step: it needs weight_symmetric=True")
+        if self.activation_bits is not None:
+            check_int("activation_bits", self.activation_bits, minimum=2, maximum=8)
+        check_choice("activation_granularity", self.activation_granularity, ("per_token", "per_tensor"))
+        check_bool("activation_symmetric", self.activation_symmetric)
+        check_bool("activation_static", self.activation_static)
+        if self.activation_static and self.activation_granularity != "per_tensor":
+            raise ValueError("activation_static=True keeps one calibrated range per layer: it needs "
+                             f"activation_granularity='per_tensor', got {self.activation_granularity!r}")
+        check_choice("ste", self.ste, STES)
+
+    @property
+    def name(self) -> str:
+        w = f"W{self.weight_bits}"
+        return w if self.activation_bits is None else f"{w}A{self.activation_bits}"
+
+
+def _check_config(config) -> QuantConfig:
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    return config
+
+
+def _weight_layout(config: QuantConfig, weight: torch.Tensor) -> tuple[str, int | None]:
+    granularity, group = config.weight_granularity, config.group_size
+    if granularity == "per_group" and weight.shape[1] % group:
+        raise ValueError(f"group_size={group} must divide the layer's in_features ({weight.shape[1]})")
+    return granularity, group
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear layer (``nn.Linear`` or GPT-2 ``Conv1D``, kept as ``.layer``) whose weight and, optionally,
+    input are fake-quantized in every forward pass: ``y = q_a(x) q_w(W)^T + b``. The float weight is
+    what the optimiser updates; the quantized one is what the forward pass sees."""
+
+    def __init__(self, layer: nn.Module, config: QuantConfig):
+        super().__init__()
+        if not isinstance(layer, nn.Module) or not is_prunable(layer):
+            raise TypeError(f"layer must be an nn.Linear or a GPT-2 Conv1D, got {type(layer).__name__}")
+        self.config = _check_config(config)
+        self.layer = layer
+        weight = weight_matrix(layer)
+        self.granularity, self.group_size = _weight_layout(config, weight)
+        self.lsq = None
+        if config.weight_range == "lsq":
+            groups = {"per_tensor": 1, "per_channel": weight.shape[0]}.get(
+                self.granularity, weight.numel() // (self.group_size or 1))
+            self.lsq = LSQQuantizer(config.weight_bits, groups)
+        self.register_buffer("act_scale", torch.ones(1, 1))
+        self.register_buffer("act_zero", torch.zeros(1, 1))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.observing = False
+
+    def quantized_weight(self) -> torch.Tensor:
+        """``q_w(W)`` as ``[out, in]`` floats (with the STE, so gradients reach ``W``)."""
+        weight, c = weight_matrix(self.layer), self.config
+        if self.lsq is not None:
+            return self.lsq(weight)
+        return fake_quantize(weight, c.weight_bits, self.granularity, c.weight_symmetric, self.group_size,
+                             c.weight_range, c.ste)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if c.activation_bits is None or self.observing:
+            return x
+        if c.activation_static:
+            if not bool(self.calibrated):
+                raise RuntimeError("static activation ranges are not set: run calibrate_ptq(model, calib) first")
+            return fake_quantize(x, c.activation_bits, "per_tensor", c.activation_symmetric, ste=c.ste,
+                                 scale=self.act_scale, zero_point=self.act_zero)
+        return fake_quantize(x, c.activation_bits, c.activation_granularity, c.activation_symmetric, ste=c.ste)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.layer.bias)
+
+
+def _target_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, attribute, layer)`` for every linear layer to quantize: those inside the decoder blocks
+    of an LM (embeddings and LM head excluded), or every linear layer of a network without blocks."""
+    try:
+        roots = list(decoder_blocks(model))
+    except ValueError:
+        roots = [model]
+    found = []
+    for root in roots:
+        for name, layer in (block_layers(root).items() if root is not model else
+                            ((n, m) for n, m in model.named_modules() if is_prunable(m))):
+            parent_name, _, attribute = name.rpartition(".")
+            found.append((root.get_submodule(parent_name) if parent_name else root, attribute, layer))
+    return found
+
+
+def prepare_qat(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Swap the model's linear layers (see :func:`_target_layers`) for :class:`FakeQuantLinear`, in place,
+    and return the model. Evaluated as it is, the prepared model is round-to-nearest PTQ; trained, it is
+    QAT (the same flow as torchao's ``quantize_(model, QATConfig(..., step="prepare"))``)."""
+    check_module("model", model)
+    config = _check_config(config)
+    if any(isinstance(m, (FakeQuantLinear, QuantizedLinear)) for m in model.modules()):
+        raise ValueError("model is already prepared or converted; prepare_qat a fresh copy")
+    targets = _target_layers(model)
+    if not targets:
+        raise ValueError(f"model has no nn.Linear or Conv1D layer to quantize ({type(model).__name__})")
+    for _, _, layer in targets:
+        _weight_layout(config, weight_matrix(layer))  # every layer's shape fits before anything is swapped
+    for parent, attribute, layer in targets:
+        setattr(parent, attribute, FakeQuantLinear(layer, config))
+    return model
+
+
+def fake_quant_layers(model: nn.Module) -> dict[str, FakeQuantLinear]:
+    """The :class:`FakeQuantLinear` layers of a prepared model, by qualified name."""
+    check_module("model", model)
+    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+
+
+def _run(model, data, batch_size):
+    for start in range(0, len(data), batch_size):
+        chunk = data[start: start + batch_size]
+        if chunk.dtype in (torch.int64, torch.int32):
+            model(input_ids=chunk)
+        else:
+            model(chunk)
+
+
+@torch.no_grad()
+def calibrate_ptq(model: nn.Module, data: torch.Tensor, method: str = "minmax", percentile: float = 99.9,
+                  batch_size: int = 16, max_samples: int = 1 << 18) -> dict[str, tuple[float, float]]:
+    """Static activation ranges for a model prepared with ``activation_static=True``: run the
+    calibration ``data`` (token ids ``[n, T]`` for an LM, inputs ``[n, d]`` otherwise), observe every
+    fake-quantized layer's input, and set one scale and zero point per layer from its min-max, its
+    ``percentile``, or the MSE-optimal clipping (:func:`choose_qparams`). Returns ``{layer: (lo, hi)}``.
+
+    The min and max are exact; percentile and MSE ranges are computed on an evenly strided subsample of
+    at most ``max_samples`` values per layer. Calibration data must never be evaluation data.
+    """
+    check_module("model", model)
+    check_choice("method", method, RANGES)
+    check_float("percentile", percentile, 50, 100, open_minimum=True)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("max_samples", max_samples, minimum=16)
+    check_tensor("data", data, nonempty=True)
+    if data.dtype in (torch.int64, torch.int32):
+        check_token_ids("data", data, model)
+    layers = {n: m for n, m in fake_quant_layers(model).items() if m.config.activation_static}
+    if not layers:
+        raise ValueError("model has no FakeQuantLinear with activation_static=True: prepare_qat(model, "
+                         "QuantConfig(..., activation_bits=8, activation_granularity='per_tensor', "
+                         "activation_static=True)) first")
+    seen = {name: {"lo": math.inf, "hi": -math.inf, "samples": []} for name in layers}
+
+    def observe(name):
+        def hook(module, args):
+            x = args[0].detach().float().reshape(-1)
+            entry = seen[name]
+            entry["lo"], entry["hi"] = min(entry["lo"], float(x.min())), max(entry["hi"], float(x.max()))
+            entry["samples"].append(x[:: max(1, x.numel() * len(data) // max_samples)])
+        return hook
+
+    was_training = model.training
+    model.eval()
+    handles = [m.register_forward_pre_hook(observe(n)) for n, m in layers.items()]
+    for m in layers.values():  # observe float inputs: activation quantization is off while calibrating
+        m.observing = True
+    try:
+        _run(model, data, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m in layers.values():
+            m.observing = False
+        model.train(was_training)
+    ranges = {}
+    for name, m in layers.items():
+        c, entry = m.config, seen[name]
+        sample = torch.cat(entry["samples"])[:max_samples]
+        if method == "minmax":
+            lo, hi = torch.tensor([[entry["lo"]]]), torch.tensor([[entry["hi"]]])
+            scale, zero = _scale_zero(lo, hi, *qrange(c.activation_bits, c.activation_symmetric),
+                                      c.activation_symmetric)
+        else:
+            scale, zero = choose_qparams(sample, c.activation_bits, "per_tensor", c.activation_symmetric,
+                                         method=method, percentile=percentile)
+        m.act_scale.copy_(scale.reshape(1, 1))
+        m.act_zero.copy_(zero.reshape(1, 1))
+        m.calibrated.fill_(True)
+        qmin, qmax = qrange(c.activation_bits, c.activation_symmetric)
+        ranges[name] = (float((qmin - zero) * scale), float((qmax - zero) * scale))
+    return ranges
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``[0, 2^bits)`` packed ``8 // bits`` per byte (bits in 2, 4, 8; other widths use a
+    byte per code)."""
+    if bits not in (2, 4):
+        return codes.to(torch.uint8)
+    per = 8 // bits
+    flat = codes.reshape(-1).to(torch.uint8)
+    flat = F.pad(flat, (0, (-flat.numel()) % per)).reshape(-1, per)
+    packed = torch.zeros(flat.shape[0], dtype=torch.uint8)
+    for i in range(per):
+        packed |= flat[:, i] << (bits * i)
+    return packed
+
+
+def _unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    if bits not in (2, 4):
+        return packed.reshape(-1)[:numel]
+    per, mask = 8 // bits, 2**bits - 1
+    parts = [(packed >> (bits * i)) & mask for i in range(per)]
+    return torch.stack(parts, dim=1).reshape(-1)[:numel]
+
+
+class QuantizedLinear(nn.Module):
+    """A converted layer: weights stored as real packed integer codes (``packed``: uint8 holding 1, 2 or 4
+    codes per byte), fp16 scales and int8 zero points, dequantized in each forward pass (a weight-only
+    kernel written in PyTorch: honest about size, not a speed-up on a CPU). With 8-bit symmetric
+    per-channel weights and 8-bit symmetric dynamic per-token activations it instead computes the
+    product in integers with ``torch._int_mm`` (int8 x int8 -> int32, then rescaled; see
+    :func:`int_mm_is_exact` for where that kernel is wrong); ``packed`` then holds the int8 codes
+    transposed, ``[in, out]``."""
+
+    def __init__(self, fake: FakeQuantLinear):
+        super().__init__()
+        if not isinstance(fake, FakeQuantLinear):
+            raise TypeError(f"fake must be a FakeQuantLinear, got {type(fake).__name__}")
+        c = self.config = fake.config
+        with torch.no_grad():
+            weight = weight_matrix(fake.layer).detach().float()
+            if fake.lsq is not None:
+                rows = weight.reshape(fake.lsq.groups, -1)
+                scale = fake.lsq.step.detach()
+                zero = torch.zeros_like(scale)
+                qmin, qmax = -fake.lsq.q_n, fake.lsq.q_p
+                codes = _quant(rows, scale, zero, qmin, qmax)
+            else:
+                qt = quantize_tensor(weight, c.weight_bits, fake.granularity, c.weight_symmetric, fake.group_size,
+                                     c.weight_range)
+                scale, zero, codes = qt.scale, qt.zero_point, _rows(qt.codes.float(), qt.granularity, qt.group_size)
+                qmin = qrange(c.weight_bits, c.weight_symmetric)[0]
+        self.out_features, self.in_features = weight.shape
+        self.bits, self.qmin = c.weight_bits, qmin
+        self.granularity, self.group_size = fake.granularity, fake.group_size
+        self.int8_matmul = (c.weight_bits == 8 and c.weight_symmetric and c.weight_granularity == "per_channel"
+                            and c.weight_range != "lsq" and c.activation_bits == 8 and c.activation_symmetric
+                            and not c.activation_static and c.activation_granularity == "per_token")
+        if self.int8_matmul:  # int8 codes, transposed for torch._int_mm: [in, out]
+            self.register_buffer("packed", codes.reshape(self.out_features, -1).to(torch.int8).t().contiguous())
+        else:
+            self.register_buffer("packed", _pack((codes - qmin).to(torch.int16), c.weight_bits))
+        self.register_buffer("scale", scale.to(torch.float16))
+        symmetric = bool((zero == 0).all())
+        self.register_buffer("zero", None if symmetric else zero.to(torch.int8))
+        bias = fake.layer.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("act_scale", fake.act_scale.clone())
+        self.register_buffer("act_zero", fake.act_zero.clone())
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes ``[out, in]`` as int16 (unpacked)."""
+        if self.int8_matmul:
+            return self.packed.t().to(torch.int16)
+        numel = self.out_features * self.in_features
+        return (_unpack(self.packed, self.bits, numel).to(torch.int16) + self.qmin).reshape(
+            self.out_features, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        rows = _rows(self.codes().float(), self.granularity, self.group_size)
+        zero = 0 if self.zero is None else self.zero.float()
+        return ((rows - zero) * self.scale.float()).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if self.int8_matmul:
+            rows = x.reshape(-1, x.shape[-1])
+            a_scale = (rows.abs().amax(1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).eps)
+            a_int = torch.clamp(torch.round(rows / a_scale), -127, 127).to(torch.int8)
+            out = _int8_matmul(a_int, self.packed) * a_scale * self.scale.float().reshape(1, -1)
+            out = out.reshape(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias
+        if c.activation_bits is not None:
+            if c.activation_static:
+                x = fake_quantize(x, c.activation_bits, "per_tensor", c.activation_symmetric, ste=c.ste,
+                                  scale=self.act_scale, zero_point=self.act_zero)
+            else:
+                x = fake_quantize(x, c.activation_bits, c.activation_granularity, c.activation_symmetric, ste=c.ste)
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+
+_INT_MM_EXACT: bool | None = None
+
+
+def int_mm_is_exact() -> bool:
+    """Whether ``torch._int_mm`` multiplies int8 matrices exactly on this machine (checked once with
+    extreme values). On a CPU whose oneDNN is limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, which the
+    course sets for reproducibility) it does not: without VNNI the u8 x s8 dot products saturate at
+    16 bits, and the results are silently wrong."""
+    global _INT_MM_EXACT
+    if _INT_MM_EXACT is None:
+        a = torch.tensor([[-127, -127, 127, 127] * 8] * 32, dtype=torch.int8)
+        b = torch.full((32, 32), -127, dtype=torch.int8)
+        try:
+            _INT_MM_EXACT = torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+        except RuntimeError:
+            _INT_MM_EXACT = False
+    return _INT_MM_EXACT
+
+
+def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for int8 matrices as exact int32 sums: ``torch._int_mm`` where it is exact, else float32
+    arithmetic on the codes (exact while ``in_features * 127^2 < 2^24``, i.e. up to 1,040 inputs)."""
+    if int_mm_is_exact():
+        return torch._int_mm(a, b).float()
+    return a.float() @ b.float()
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every :class:`FakeQuantLinear` of a prepared (and perhaps QAT-trained) model by a
+    :class:`QuantizedLinear` holding real integer codes, in place; returns the model. The converted model
+    computes what the fake-quantized one did, up to fp16 scale rounding."""
+    check_module("model", model)
+    layers = fake_quant_layers(model)
+    if not layers:
+        raise ValueError("model has no FakeQuantLinear layer to convert: call prepare_qat(model, config) "
+                         "first (convert before prepare)")
+    for name, fake in layers.items():
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attribute, QuantizedLinear(fake))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Measuring: perplexity within the context, size, latency
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def window_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float:
+    """``exp`` of the mean next-token NLL over token windows ``[n, T]`` (all tokens real; cut long text
+    with ``train.stream_windows`` so that ``T`` stays within the context the model was trained on, which a
+    zoo model records as ``config.trained_context``). Non-overlapping windows in the training format:
+    each window's first tokens are predicted from a short prefix, as in training; cheaper than
+    ``metrics.perplexity``'s sliding windows, which give every token a long prefix."""
+    check_module("model", model)
+    check_tensor("windows", windows, ndim=2, kind="int", nonempty=True)
+    if windows.shape[1] < 2:
+        raise ValueError(f"windows must have at least 2 tokens each, got shape {tuple(windows.shape)}")
+    check_token_ids("windows", windows, model)
+    check_int("batch_size", batch_size, minimum=1)
+    trained = getattr(getattr(model, "config", None), "trained_context", None)
+    if isinstance(trained, int) and windows.shape[1] > trained:
+        raise ValueError(f"windows have {windows.shape[1]} tokens, more than the {trained} the model was trained on "
+                         "(config.trained_context): cut them shorter")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start: start + batch_size]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                 reduction="sum").item()
+        count += ids[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+def recovered(full: float, ptq: float, qat: float) -> float:
+    """torchao's "% of degradation recovered": ``(ptq - qat) / (ptq - full)`` (1 = all of it)."""
+    full, ptq, qat = (check_float(n, v, allow_inf=False) for n, v in (("full", full), ("ptq", ptq), ("qat", qat)))
+    if ptq == full:
+        raise ValueError(f"ptq must differ from full (no degradation to recover), got ptq = full = {ptq}")
+    return (ptq - qat) / (ptq - full)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's ``state_dict`` as ``torch.save`` writes it (parameters and buffers as stored)."""
+    check_module("model", model)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+@torch.no_grad()
+def latency(model: nn.Module, inputs: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of one forward pass on ``inputs`` (token ids for an LM); machine-dependent."""
+    check_module("model", model)
+    check_tensor("inputs", inputs, nonempty=True)
+    repeats = check_int("repeats", repeats, minimum=1)
+    check_int("warmup", warmup, minimum=0)
+    call = (lambda: model(input_ids=inputs)) if inputs.dtype == torch.long else (lambda: model(inputs))
+    model.eval()
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The chapter's data and its one fine-tuning procedure (shared by QAT, the control and torchao)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LMSplits:
+    """Token windows for the course LM, all of ``context`` tokens (never longer than it was trained on):
+    ``docs`` and ``bios`` (the training mixture, for fine-tuning), ``calib`` (training-split documentation
+    windows for PTQ calibration) and ``valid`` (the held-out documentation, for evaluation only)."""
+
+    docs: tuple[torch.Tensor, torch.Tensor]
+    bios: tuple[torch.Tensor, torch.Tensor]
+    calib: torch.Tensor
+    valid: torch.Tensor
+
+
+def lm_splits(tokenizer, context: int = 128, calib_windows: int = 32, seed: int = 0, world_seed: int = 0) -> LMSplits:
+    """The documentation split of ``zoo.corpus`` cut into ``context``-token windows, the member biographies
+    packed into windows, and ``calib_windows`` training windows drawn with ``seed`` for calibration."""
+    from companion import zoo
+    from companion.train import pack_sequences, stream_windows
+
+    context = check_int("context", context, minimum=2)
+    calib_windows = check_int("calib_windows", calib_windows, minimum=1)
+    check_int("seed", seed, minimum=0)
+    if not callable(tokenizer) or not hasattr(tokenizer, "eos_token_id"):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    source = zoo.corpus(world_seed)
+
+    def stream(docs):
+        return [i for d in docs for i in tokenizer(d.text)["input_ids"] + [tokenizer.eos_token_id]]
+
+    docs = stream_windows(stream(source.train_docs), context)
+    bios = pack_sequences([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in source.world.training_texts()],
+                          context, tokenizer.pad_token_id)
+    order = torch.randperm(len(docs[0]), generator=torch.Generator().manual_seed(seed))
+    return LMSplits(docs=docs, bios=bios, calib=docs[0][order[:calib_windows]],
+                    valid=stream_windows(stream(source.valid_docs), context)[0])
+
+
+def finetune(model: nn.Module, splits: LMSplits, steps: int = 60, batch_size: int = 16, lr: float = 1e-3,
+             seed: int = 0) -> list[float]:
+    """The one fine-tuning procedure of the chapter, for a QAT-prepared model (ours or torchao's) and for
+    the full-precision control alike: ``steps`` AdamW steps with a cosine schedule on batches of the
+    training mixture (half documentation, half biographies), drawn with ``seed``. Same seed, same batches:
+    every arm sees the same data and the same number of forward and backward passes."""
+    from companion.train import mixed_batches, train_causal_lm
+
+    check_module("model", model)
+    if not isinstance(splits, LMSplits):
+        raise TypeError(f"splits must be an LMSplits (from lm_splits), got {type(splits).__name__}")
+    batch_size = check_int("batch_size", batch_size, minimum=2)
+    seed = check_int("seed", seed, minimum=0)
+    torch.manual_seed(seed)
+    batches = mixed_batches([splits.docs, splits.bios], [batch_size - batch_size // 2, batch_size // 2], seed=seed)
+    return train_causal_lm(model, batches, steps=steps, lr=lr)
