@@ -60,7 +60,8 @@ EVALUATOR = "digits-eval-cnn"
 @dataclass(frozen=True)
 class DigitRoles:
     """The digits split by role: ``private`` is what the target trained on (``digits_splits(0).train``);
-    ``aux`` is the attacker's background data (same distribution, disjoint people); ``holdout`` is
+    ``aux`` is the attacker's background data (same distribution; a random split, so no image is
+    shared but writers may be); ``holdout`` is
     the defender's own clean data for measuring an output defence's utility (never seen by either)."""
 
     x_private: torch.Tensor
@@ -359,7 +360,10 @@ def nes_gradient(api: ProbabilityAPI, x: torch.Tensor, target_class, samples: in
 
         g = 1 / (2 n sigma) * sum_i [F(x + sigma u_i) - F(x - sigma u_i)] u_i,   u_i ~ N(0, I)
 
-    for a batch ``x`` ``[N, 64]``; costs ``2 * samples`` queries per image. ``generator`` seeds the
+    for a batch ``x`` ``[N, 64]``; costs ``2 * samples`` queries per image. The query points
+    ``x +- sigma * u`` are not projected onto [0, 1] (the API accepts any input); digits' pixels take
+    17 levels (k / 16), so ``sigma = 0.05`` is below one level: an API that accepted only valid
+    images would need a larger ``sigma``. ``generator`` seeds the
     directions."""
     if not isinstance(api, ProbabilityAPI):
         raise TypeError(f"api must be a ProbabilityAPI (or one of its wrappers), got {type(api).__name__}")
