@@ -12,8 +12,8 @@ LM) plus its detector:
    candidate token itself into the seed (only the top candidates are checked, as in transformers).
 2. :class:`Unigram` (Zhao et al. 2024, "Provable Robust Watermarking for AI-Generated Text"): one fixed
    green list, no context, so an edit changes the score of only the edited token.
-3. :class:`GumbelWatermark` (Aaronson 2022; the exponential-minimum sampling of Kuditipudi et al. 2024):
-   no bias at all; the key and context give a uniform ``r_v`` per token and the next token is
+3. :class:`GumbelWatermark` (Aaronson 2022, context hashing; Kuditipudi et al. 2024 replace the context
+   hash by a keyed sequence with edit-distance detection, not implemented here): no bias at all; the key and context give a uniform ``r_v`` per token and the next token is
    ``argmax_v r_v ** (1 / p_v)``, which is an exact sample from ``p`` over the key's randomness
    (distortion-free), yet leaves chosen tokens with suspiciously large ``r``.
 
@@ -24,8 +24,7 @@ only the normal approximation, which is too optimistic in the far tail. A window
 (:meth:`Watermark.detect_windowed`) finds a watermarked span pasted into human text.
 
 Attacks (token-level, seeded, editing only after ``start``): random substitution, contextual
-substitution by an unwatermarked model (:func:`lm_substitute`, the paraphrase a tiny model can really
-do), deletion, span reordering, copy-paste dilution and the emoji attack. Score convention: higher =
+resampling by an unwatermarked model (:func:`lm_substitute`, teacher-forced: not a paraphraser), deletion, span reordering, copy-paste dilution and the emoji attack. Score convention: higher =
 more likely watermarked (the z-score).
 """
 
@@ -83,7 +82,12 @@ def _fold_key(key: int) -> int:
 
 def hash_uniform(key: int, codes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """A keyed uniform in (0, 1) for each (context code, token) pair (broadcast): the PRF of the
-    ``"hash"`` green lists and of the Gumbel watermark. Vectorised and exact on every machine."""
+    ``"hash"`` green lists and of the Gumbel watermark. Vectorised and exact on every machine.
+
+    Not a cryptographic PRF: the key is folded to 32 bits and XORed into the 32-bit context code, so
+    there are only 2**32 effective keys and two keys differ by a relabelling of contexts. Good enough
+    for the course's statistics; a deployment should use a keyed hash of the full key (e.g.
+    ``hashlib.blake2b(key=...)`` over code and token)."""
     check_int("key", key, minimum=0)
     for name, value in (("codes", codes), ("tokens", tokens)):
         if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype == torch.bool:
@@ -289,6 +293,12 @@ class KGW(_ListWatermark):
             ``randperm`` per distinct context (cached), cheap only when contexts repeat (``h = 1``: at
             most ``V``). ``"hash"``: token ``v`` is green iff a keyed hash of (context, ``v``) is below
             ``gamma`` (a list of about ``gamma * V`` tokens), vectorised, for wide contexts.
+
+    The ``"randperm"`` seed ``key * code`` is inherited from transformers: for the context token 0 it is
+    0 whatever the key, so that green list is public. Our ``"selfhash"`` seeds from the code of the
+    whole window (any edit inside it changes the seed); lm-watermarking's and transformers'
+    ``selfhash`` use an anchored min-hash instead (seed ``min_i key * h(x_i) * h(x_t)``), which changes
+    only when the argmin or the candidate is edited. The two are different schemes.
     """
 
     def __init__(self, vocab_size: int, gamma: float = 0.25, delta: float = 2.0, key: int = 15485863,
