@@ -200,13 +200,9 @@ class Canary:
         check_int("repeats", self.repeats, minimum=0)
 
 
-def make_canaries(repeats: tuple[int, ...] = (0, 1, 4, 16), per_level: int = 4, digits: int = 6,
-                  seed: int = 0) -> list[Canary]:
-    """Canaries 'The vault code of <owner> is d d d d d d .' with random digit secrets.
-
-    ``per_level`` canaries for each entry of ``repeats``. Digits are space separated so every digit
-    is one token and the secret has exactly ``10**digits`` possible values.
-    """
+def check_canary_plan(repeats, per_level, digits, seed) -> tuple[int, int, int]:
+    """The arguments every canary generator shares: a non-empty tuple of repetition counts (>= 0),
+    canaries per count, secret digits (1..12) and a seed. Returns ``(per_level, digits, seed)``."""
     if not isinstance(repeats, (tuple, list)) or not repeats:
         raise TypeError(f"repeats must be a non-empty tuple of ints, got {repeats!r}")
     for r in repeats:
@@ -214,6 +210,17 @@ def make_canaries(repeats: tuple[int, ...] = (0, 1, 4, 16), per_level: int = 4, 
     per_level = check_int("per_level", per_level, minimum=1)
     digits = check_int("digits", digits, minimum=1, maximum=12)
     seed = check_int("seed", seed, minimum=0)
+    return per_level, digits, seed
+
+
+def make_canaries(repeats: tuple[int, ...] = (0, 1, 4, 16), per_level: int = 4, digits: int = 6,
+                  seed: int = 0) -> list[Canary]:
+    """Canaries 'The vault code of <owner> is d d d d d d .' with random digit secrets.
+
+    ``per_level`` canaries for each entry of ``repeats``. Digits are space separated so every digit
+    is one token and the secret has exactly ``10**digits`` possible values.
+    """
+    per_level, digits, seed = check_canary_plan(repeats, per_level, digits, seed)
     rng = random.Random(seed + 7919)
     owners = [f"vault {i:02d}" for i in range(len(repeats) * per_level)]
     canaries = []

@@ -705,13 +705,7 @@ def plant_canaries(owners: list[str], repeats: tuple[int, ...] = (0, 1, 4, 16, 6
     space-separated so each is one token). Insert them into training text with
     :func:`companion.data.insert_canaries`; ``repeats = 0`` canaries are never inserted (the control)."""
     check_texts("owners", owners, nonempty_each=True)
-    if not isinstance(repeats, (tuple, list)) or not repeats:
-        raise TypeError(f"repeats must be a non-empty tuple of ints, got {repeats!r}")
-    for r in repeats:
-        check_int("repeats[i]", r, minimum=0)
-    per_level = check_int("per_level", per_level, minimum=1)
-    digits = check_int("digits", digits, minimum=1, maximum=12)
-    seed = check_int("seed", seed, minimum=0)
+    per_level, digits, seed = data.check_canary_plan(repeats, per_level, digits, seed)
     if len(set(owners)) < len(repeats) * per_level:
         raise ValueError(f"owners must hold at least {len(repeats) * per_level} distinct names "
                          f"(len(repeats) * per_level), got {len(set(owners))}")
