@@ -51,11 +51,7 @@ REQUIRED_SEARCHES = {"成员推理": "01", "剪枝": "08", "对抗性后缀": "0
 # Widget cells that have no static counterpart in the book yet (a figure of what the widget shows, or saved
 # widget state). Strict: a listed page whose widget section now shows something fails, so that the entry
 # is removed and the check guards it from then on.
-WIDGETS_WITHOUT_STATIC: dict[str, str] = {
-    "notebooks/04_model_inversion": "cell 36 (交互：防御与查询预算): widgets.interact(explore, ...)",
-    "notebooks/07_watermark": "cell 54 (交互：δ、γ 与绿红着色): widgets.interact(explore, ...)",
-    "notebooks/09_quantization": "交互：比特数与粒度 (its static versions are 图 9.2 and 9.3, in another section)",
-}
+WIDGETS_WITHOUT_STATIC: dict[str, str] = {}
 # Glossary terms (book/notation.md) that their chapter never writes, so the search finds only the glossary.
 # Strict like the widget list: an entry the search now finds fails until it is removed. Fix by using the
 # term in the chapter's prose or by changing the glossary to the chapter's wording.
