@@ -922,3 +922,36 @@ def extract_secret(model, tokenizer, prefixes: list[str], digits: int = 6, beam:
         hyps = [sorted(group, key=lambda h: -h[2])[:beam] for group in new]
     decode = {t: s for t, s in zip(symbols, alphabet)}
     return [[(" ".join(decode[t] for t in tokens), total) for _, tokens, total in group] for group in hyps]
+
+
+def extract_secret_via_api(api: LogprobAPI, prefixes: list[str], digits: int = 6, beam: int = 5,
+                           alphabet: str = "0123456789") -> list[list[tuple[str, float]]]:
+    """:func:`extract_secret` as an attacker who has only a top-k log-prob API with logit bias
+    (:class:`LogprobAPI`) must run it: one query per hypothesis and step, sending the hypothesis as
+    text (``prefix + " 4 8 1"``) with the bias ``api.max_bias`` on every symbol's token, so the
+    ``api.top_k`` symbols shown are that hypothesis's best ones. The API returns log-probabilities
+    renormalised *after* the bias, so the score of a symbol is ``log p(symbol | prefix, next token
+    is a symbol)`` (up to ``e^-bias`` of the other tokens' mass), not the unconstrained ``log p``
+    that :func:`extract_secret` sums: the ranking of hypotheses can differ. The queries are counted
+    on ``api.queries``: ``len(prefixes) * (1 + beam * (digits - 1))`` at most."""
+    if not isinstance(api, LogprobAPI):
+        raise TypeError(f"api must be a LogprobAPI, got {type(api).__name__}")
+    _check_prompts(api.model, api.tokenizer, prefixes)
+    digits = check_int("digits", digits, minimum=1, maximum=12)
+    beam = check_int("beam", beam, minimum=1)
+    symbols = _digit_tokens(api.tokenizer, alphabet)
+    lift = {token: api.max_bias for token in symbols}
+    decode = dict(zip(symbols, alphabet))
+    found = []
+    for prefix in prefixes:
+        hyps = [("", 0.0)]  # (the symbols so far, as text after the prefix; summed score)
+        for _ in range(digits):
+            extended = []
+            for text, total in hyps:
+                ids, log_probs = api.top_logprobs(prefix + text, lift)
+                for token, value in zip(ids.tolist(), log_probs.tolist()):
+                    if token in decode:  # a top_k above the alphabet's size shows other tokens too
+                        extended.append((f"{text} {decode[token]}", total + value))
+            hyps = sorted(extended, key=lambda h: -h[1])[:beam]
+        found.append([(text.strip(), total) for text, total in hyps])
+    return found

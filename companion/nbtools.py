@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 METADATA_KEY = "companion"
 #: The ``tol`` of a training-dependent result that is not a number (compared only in presence).
 VARIES = "varies"
+#: A :func:`table` column whose cells are :func:`rate` values, each compared within its own tolerance.
+RATES = "rates"
 #: The MIME prefix of a glue record that is not displayed (myst_nb's ``GLUE_PREFIX``).
 GLUE_PREFIX = "application/papermill.record/"
 #: What stands in the compared text where a tolerant value was shown.
@@ -229,7 +231,8 @@ def table(rows: Mapping, columns: Mapping, index: str = "") -> None:
         rows: ``{row name: {column name: value}}``.
         columns: ``{column name: (format spec, tol)}``; ``tol`` 0 means the column is deterministic
             (compared exactly), a number > 0 the column's tolerance, ``nbtools.VARIES`` a discrete,
-            training-dependent column.
+            training-dependent column, ``nbtools.RATES`` a column of :func:`rate` cells (``k/n`` with
+            its interval; each count compared within the rate's own tolerance; format spec ``""``).
         index: the header of the row-name column.
     """
     if not isinstance(rows, Mapping) or not rows:
@@ -243,7 +246,9 @@ def table(rows: Mapping, columns: Mapping, index: str = "") -> None:
         if not (isinstance(spec, Sequence) and not isinstance(spec, str) and len(spec) == 2 and isinstance(spec[0], str)):
             raise TypeError(f"columns[{name!r}] must be a (format spec, tol) pair, got {spec!r}")
         fmt, tol = spec
-        specs[name] = (fmt, tol if tol == VARIES else _check_tol(tol))
+        if tol == RATES and fmt:
+            raise ValueError(f"columns[{name!r}]: a RATES column takes the format spec '', got {fmt!r}")
+        specs[name] = (fmt, tol if tol in (VARIES, RATES) else _check_tol(tol))
     cells: dict[str, list] = {}
     for row_name, row in rows.items():
         if not isinstance(row, Mapping):
@@ -251,6 +256,10 @@ def table(rows: Mapping, columns: Mapping, index: str = "") -> None:
         missing = [c for c in specs if c not in row]
         if missing:
             raise ValueError(f"rows[{row_name!r}] lacks the columns {missing}")
+        for c, (_, tol) in specs.items():
+            if tol == RATES and not isinstance(row[c], Rate):
+                raise TypeError(f"rows[{row_name!r}][{c!r}] must be a nbtools.rate(k, n) in a RATES column, "
+                                f"got {type(row[c]).__name__}")
         cells[str(row_name)] = [row[c] for c in specs]
 
     # fixed-width text: header, then one line per row; each cell a field of the template. Widths come
@@ -259,7 +268,10 @@ def table(rows: Mapping, columns: Mapping, index: str = "") -> None:
     shown = {r: [format(v, fmt) for v, (fmt, _) in zip(vals, specs.values())] for r, vals in cells.items()}
     widths = [max(len(index), *(len(r) for r in cells))]
     for j, (name, (_, tol)) in enumerate(specs.items()):
-        exact = [len(s[j]) for s in shown.values()] if tol == 0 else [7]
+        if tol == RATES:  # the widest text a count of these trials can have: never the value's own
+            exact = [len(format(Rate(0, v.trials, 0), "")) + 4 for v in (vals[j] for vals in cells.values())]
+        else:
+            exact = [len(s[j]) for s in shown.values()] if tol == 0 else [7]
         widths.append(max(len(str(name)), *exact))
     header = " | ".join([f"{index:>{widths[0]}}"] + [f"{str(n):>{w}}" for n, w in zip(specs, widths[1:])])
     def literal(text: str) -> str:
@@ -273,7 +285,10 @@ def table(rows: Mapping, columns: Mapping, index: str = "") -> None:
                 fields.append(literal(f"{text:>{width}}"))
                 continue
             fields.append("{:%s}" % fmt)
-            args.append(varies(_Padded(value, width)) if tol == VARIES else _PaddedApprox(value, tol, width))
+            if tol == RATES:
+                args.append(_PaddedRate(value, width))
+            else:
+                args.append(varies(_Padded(value, width)) if tol == VARIES else _PaddedApprox(value, tol, width))
         lines.append(" | ".join(fields))
     text, record = _render("\n".join(lines), args, {})
 
@@ -305,6 +320,19 @@ class _PaddedApprox(Approx):
 
     def __format__(self, spec: str) -> str:
         return format(format(self.shown, spec), f">{self.width}")
+
+
+class _PaddedRate(Rate):
+    """A :class:`Rate` shown right-aligned to a column width (for :func:`table`)."""
+
+    __slots__ = ("width",)
+
+    def __init__(self, rate_value: Rate, width: int):
+        super().__init__(int(rate_value.value), rate_value.trials, rate_value.tol)
+        self.width = width
+
+    def __format__(self, spec: str) -> str:
+        return format(super().__format__(spec), f">{self.width}")
 
 
 # ---------------------------------------------------------------------------------------------

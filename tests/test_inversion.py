@@ -317,6 +317,27 @@ def test_extract_secret_finds_a_memorised_secret(tiny_lm):
     assert found[0][0][0] == secret
 
 
+def test_extract_secret_via_api_scores_symbols_renormalised_after_the_bias(tiny_lm):
+    model, tok = tiny_lm
+    alphabet = _one_token_symbols(tok)[:5]
+    prefixes = ["The vault code of Ada is", "My pin is"]
+    api = inv.LogprobAPI(model, tok, top_k=3)
+    found = inv.extract_secret_via_api(api, prefixes, digits=3, beam=2, alphabet=alphabet)
+    assert api.queries == len(prefixes) * (1 + 2 * 2)
+    symbols = inv._digit_tokens(tok, alphabet)
+    for prefix, cands in zip(prefixes, found):
+        assert len(cands) == 2 and cands[0][1] >= cands[1][1]
+        secret, score = cands[0]
+        expected, text = 0.0, prefix
+        for symbol in secret.split():  # the constrained log p of each symbol, computed directly
+            logits = inv.last_logits(model, tok, [text])[0]
+            expected += float(torch.log_softmax(logits[symbols], -1)[alphabet.index(symbol)])
+            text += " " + symbol
+        assert score == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(TypeError, match="api must be a LogprobAPI"):
+        inv.extract_secret_via_api(model, prefixes)
+
+
 def test_extract_secret_refuses_multi_token_symbols(tiny_lm):
     model, tok = tiny_lm
     bad = [s for s in "0123456789" if len(tok(" " + s, add_special_tokens=False)["input_ids"]) > 1]

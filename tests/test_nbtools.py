@@ -59,6 +59,23 @@ def test_table_pads_from_exact_parts_only(shown):
     assert "<table" in first["text/html"]
 
 
+def test_table_takes_rate_cells_compared_within_their_own_tolerance(shown):
+    columns = {"recognised": ("", nbtools.RATES), "n": (",", 0)}
+    nbtools.table({"full": {"recognised": rate(48, 50), "n": 50}, "top-1": {"recognised": rate(3, 50), "n": 50}},
+                  columns, index="API")
+    nbtools.table({"full": {"recognised": rate(9, 50), "n": 50}, "top-1": {"recognised": rate(50, 50), "n": 50}},
+                  columns, index="API")
+    (first, meta1), (second, meta2) = shown
+    assert "48/50 (96%, 95% CI 87%–99%)" in first["text/plain"] and "48/50 (96%" in first["text/html"]
+    assert meta1["companion"]["skeleton"] == meta2["companion"]["skeleton"], "counts must not move the padding"
+    assert "\u27e80:rate/50\u27e9" in meta1["companion"]["skeleton"]
+    assert meta1["companion"]["values"] == [48.0, 3.0] and meta1["companion"]["tols"] == [7.0, 7.0]
+    with pytest.raises(TypeError, match=r"rows\['full'\]\['recognised'\] must be a nbtools.rate"):
+        nbtools.table({"full": {"recognised": 0.96, "n": 50}}, columns)
+    with pytest.raises(ValueError, match="format spec ''"):
+        nbtools.table({"full": {"recognised": rate(1, 2), "n": 2}}, {"recognised": (".2f", nbtools.RATES)})
+
+
 def test_glue_requires_a_declared_tolerance():
     with pytest.raises(TypeError, match="tol must be given"):
         nbtools.glue("x", 1.0)
