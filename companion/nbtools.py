@@ -115,7 +115,8 @@ def _significant_percent(fraction: float, digits: int) -> str:
     percent = 100 * fraction
     if percent == 0:
         return "0%"
-    decimals = max(0, digits - 1 - math.floor(math.log10(percent)))
+    rounded = float(f"{percent:.{digits - 1}e}")  # 0.009999 -> 0.0100: count digits after rounding
+    decimals = max(0, digits - 1 - math.floor(math.log10(rounded)))
     return f"{percent:.{decimals}f}%"
 
 
