@@ -110,20 +110,38 @@ def sampling_tolerance(trials: int) -> int:
     return max(1, math.ceil(1.96 * math.sqrt(trials / 4)))
 
 
+def _significant_percent(fraction: float, digits: int) -> str:
+    """``fraction`` as a percentage with ``digits`` significant digits, never in exponent notation."""
+    percent = 100 * fraction
+    if percent == 0:
+        return "0%"
+    rounded = float(f"{percent:.{digits - 1}e}")  # 0.009999 -> 0.0100: count digits after rounding
+    decimals = max(0, digits - 1 - math.floor(math.log10(rounded)))
+    return f"{percent:.{decimals}f}%"
+
+
 class Rate(Approx):
     """``successes`` of ``trials``, shown as ``k/n (p%, 95% CI lo–hi%)`` (Wilson interval). The count is
     the compared value: a re-run must reproduce it within ``tol`` successes (default:
-    :func:`sampling_tolerance`)."""
+    :func:`sampling_tolerance`). ``digits``: show the three percentages with that many significant
+    digits (for low rates over many trials, e.g. a false-positive rate of 9/11283), only for
+    ``trials >= 1000``; by default one decimal from 100 trials on, none below."""
 
-    __slots__ = ("trials",)
+    __slots__ = ("trials", "digits")
 
-    def __init__(self, successes, trials, tol=None):
+    def __init__(self, successes, trials, tol=None, digits=None):
         from companion.checks import check_int
 
         successes = check_int("successes", successes.item() if hasattr(successes, "item") else successes, minimum=0)
         self.trials = check_int("trials", trials, minimum=1)
         if successes > self.trials:
             raise ValueError(f"successes must be <= trials, got {successes} > {self.trials}")
+        if digits is not None:
+            digits = check_int("digits", digits, minimum=1, maximum=6)
+            if self.trials < 1000:
+                raise ValueError(f"digits is for rates over >= 1000 trials (more digits than a smaller count "
+                                 f"supports), got trials={self.trials}")
+        self.digits = digits
         super().__init__(successes, sampling_tolerance(self.trials) if tol is None else tol)
 
     def __format__(self, spec: str) -> str:
@@ -131,15 +149,20 @@ class Rate(Approx):
 
         k, n = int(self.value), self.trials
         low, high = rate_interval(k, n)
+        if self.digits is not None:
+            p, lo, hi = (_significant_percent(x, self.digits) for x in (k / n, low, high))
+            return f"{k}/{n} ({p}, 95% CI {lo}–{hi})"
         percent = ".1%" if n >= 100 else ".0%"  # no more digits than the count supports
         return f"{k}/{n} ({k / n:{percent}}, 95% CI {low:{percent}}–{high:{percent}})"
 
 
-def rate(successes, trials, tol=None) -> Rate:
+def rate(successes, trials, tol=None, digits=None) -> Rate:
     """A rate as a count with its 95% Wilson interval, for :func:`say` and :func:`glue`:
     ``say("ASR {}", rate(5, 6))`` shows ``ASR 5/6 (83%, 95% CI 44%–97%)``. ``tol`` is in successes;
-    by default the binomial sampling spread of ``trials`` (:func:`sampling_tolerance`)."""
-    return Rate(successes, trials, tol)
+    by default the binomial sampling spread of ``trials`` (:func:`sampling_tolerance`). ``digits``
+    (only for ``trials >= 1000``): significant digits of the percentages, so that a low FPR keeps its
+    information: ``rate(9, 11283, digits=3)`` shows ``9/11283 (0.0798%, 95% CI 0.0420%–0.151%)``."""
+    return Rate(successes, trials, tol, digits)
 
 
 def approx(value, tol) -> Approx:
@@ -269,7 +292,9 @@ def table(rows: Mapping, columns: Mapping, index: str = "") -> None:
     widths = [max(len(index), *(len(r) for r in cells))]
     for j, (name, (_, tol)) in enumerate(specs.items()):
         if tol == RATES:  # the widest text a count of these trials can have: never the value's own
-            exact = [len(format(Rate(0, v.trials, 0), "")) + 4 for v in (vals[j] for vals in cells.values())]
+            exact = [len(format(Rate(0, v.trials, 0), "")) + 4 if v.digits is None
+                     else len(f"{v.trials}/{v.trials} (, 95% CI –)") + 3 * (v.digits + 7)
+                     for v in (vals[j] for vals in cells.values())]
         else:
             exact = [len(s[j]) for s in shown.values()] if tol == 0 else [7]
         widths.append(max(len(str(name)), *exact))
@@ -328,7 +353,7 @@ class _PaddedRate(Rate):
     __slots__ = ("width",)
 
     def __init__(self, rate_value: Rate, width: int):
-        super().__init__(int(rate_value.value), rate_value.trials, rate_value.tol)
+        super().__init__(int(rate_value.value), rate_value.trials, rate_value.tol, rate_value.digits)
         self.width = width
 
     def __format__(self, spec: str) -> str:

@@ -8,8 +8,9 @@ LM) plus its detector:
 1. :class:`KGW` (Kirchenbauer et al. 2023, "A Watermark for Large Language Models", Alg. 2 and 3): the
    key and the ``context`` previous tokens seed a pseudo-random split of the vocabulary into a green
    list of ``gamma * V`` tokens and a red list; ``delta`` is added to the green logits. ``seeding``
-   ``"lefthash"`` seeds from the tokens before the one being chosen; ``"selfhash"`` also puts the
-   candidate token itself into the seed (only the top candidates are checked, as in transformers).
+   ``"lefthash"`` seeds from the tokens before the one being chosen; ``"selfhash"`` is the anchored
+   min-hash of lm-watermarking and transformers, whose seed includes the candidate token itself (only
+   the top candidates are checked, as in transformers).
 2. :class:`Unigram` (Zhao et al. 2024, "Provable Robust Watermarking for AI-Generated Text"): one fixed
    green list, no context, so an edit changes the score of only the edited token.
 3. :class:`GumbelWatermark` (Aaronson 2022, context hashing; Kuditipudi et al. 2024 replace the context
@@ -44,6 +45,8 @@ PRFS = ("randperm", "hash")
 #: Codes of contexts are reduced modulo this prime; for ``context=1`` the code is the token id itself.
 _CODE_MODULUS = 2_147_483_647
 _MASK32 = 0xFFFFFFFF
+#: The size of the key-seeded table of the anchored min-hash (transformers' ``table_size``).
+_MINHASH_TABLE = 1_000_003
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,29 +79,42 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def _fold_key(key: int) -> int:
-    return (key ^ (key >> 32)) & _MASK32
+def _context_seeds(key: int, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two secret 32-bit words per context code: the 64-bit ``blake2b`` digest of the code (8 bytes,
+    signed little-endian) keyed with the full key (8 bytes). One hash per *distinct* code, so a batch
+    of texts costs one hash per distinct context, and the per-token work stays vectorised."""
+    import hashlib
+
+    unique, inverse = torch.unique(codes.reshape(-1), return_inverse=True)
+    key_bytes = int(key).to_bytes(8, "little")
+    blake, from_bytes = hashlib.blake2b, int.from_bytes
+    digests = [from_bytes(blake(c.to_bytes(8, "little", signed=True), key=key_bytes, digest_size=8).digest(),
+                          "little") for c in unique.tolist()]
+    low = torch.tensor([d & _MASK32 for d in digests], dtype=torch.int64)
+    high = torch.tensor([d >> 32 for d in digests], dtype=torch.int64)
+    return low[inverse].reshape(codes.shape), high[inverse].reshape(codes.shape)
 
 
 def hash_uniform(key: int, codes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """A keyed uniform in (0, 1) for each (context code, token) pair (broadcast): the PRF of the
-    ``"hash"`` green lists and of the Gumbel watermark. Vectorised and exact on every machine.
+    ``"hash"`` green lists and of the Gumbel watermark. Exact integer arithmetic, the same on every CPU.
 
-    Not a cryptographic PRF: the key is folded to 32 bits and XORed into the 32-bit context code, so
-    there are only 2**32 effective keys and two keys differ by a relabelling of contexts. Good enough
-    for the course's statistics; a deployment should use a keyed hash of the full key (e.g.
-    ``hashlib.blake2b(key=...)`` over code and token)."""
-    check_int("key", key, minimum=0)
+    The full 63-bit key enters through a keyed cryptographic hash of the context code
+    (``blake2b(code, key=key)``, computed once per distinct code, :func:`_context_seeds`); the two
+    secret 32-bit words it gives are then mixed with the token id by a 32-bit integer finaliser
+    (vectorised over the vocabulary). So two keys give unrelated seeds for every context (no
+    relabelling of contexts, no 2**32 key space), while one green list still costs one hash. The
+    token step is a fast mixer, not a cryptographic PRF: good for the course's statistics."""
+    check_int("key", key, minimum=0, maximum=2 ** 63 - 1)
     for name, value in (("codes", codes), ("tokens", tokens)):
         if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got {type(value).__name__}"
                             f"{'' if not isinstance(value, torch.Tensor) else ' of dtype ' + str(value.dtype)}")
-        if value.numel() and int(value.min()) < 0:
-            raise ValueError(f"{name} must be >= 0, got a minimum of {int(value.min())}")
-    codes = codes.to(torch.int64) & _MASK32
-    tokens = tokens.to(torch.int64)
-    seeded = _mix32(codes ^ _fold_key(key))
-    bits = _mix32(seeded ^ (_mix32(tokens + 0x9E37) * 0x27D4EB2D & _MASK32))
+    if tokens.numel() and int(tokens.min()) < 0:
+        raise ValueError(f"tokens must be >= 0, got a minimum of {int(tokens.min())}")
+    low, high = _context_seeds(key, codes.to(torch.int64))
+    tokens = tokens.to(torch.int64) & _MASK32
+    bits = _mix32(low ^ (_mix32((tokens + 0x9E37) ^ high) * 0x27D4EB2D & _MASK32))
     return (bits.double() + 0.5) / 2.0 ** 32
 
 
@@ -285,20 +301,27 @@ class KGW(_ListWatermark):
         delta: the bias added to green logits.
         key: the secret key (never the public 15485863 in a deployment).
         seeding: ``"lefthash"``: the green list at step ``t`` is seeded by tokens ``t-h .. t-1``;
-            ``"selfhash"``: by tokens ``t-h+1 .. t`` (the candidate itself), checked for the top
-            ``top_candidates`` candidates.
+            ``"selfhash"``: by the anchored min-hash of tokens ``t-h+1 .. t`` (the candidate itself
+            included), checked for the top ``top_candidates`` candidates.
         context: the seeding window ``h``.
         prf: ``"randperm"``: ``randperm(V, seed=key * code)[:|G|]``, the green lists of transformers'
-            ``WatermarkLogitsProcessor`` (identical lists for lefthash, ``context=1``); costs one
+            ``WatermarkLogitsProcessor`` (identical lists for lefthash ``context=1`` and for selfhash at
+            any ``context``); costs one
             ``randperm`` per distinct context (cached), cheap only when contexts repeat (``h = 1``: at
             most ``V``). ``"hash"``: token ``v`` is green iff a keyed hash of (context, ``v``) is below
             ``gamma`` (a list of about ``gamma * V`` tokens), vectorised, for wide contexts.
 
-    The ``"randperm"`` seed ``key * code`` is inherited from transformers: for the context token 0 it is
-    0 whatever the key, so that green list is public. Our ``"selfhash"`` seeds from the code of the
-    whole window (any edit inside it changes the seed); lm-watermarking's and transformers'
-    ``selfhash`` use an anchored min-hash instead (seed ``min_i key * h(x_i) * h(x_t)``), which changes
-    only when the argmin or the candidate is edited. The two are different schemes.
+    ``"selfhash"`` is the anchored min-hash of lm-watermarking and transformers
+    (``WatermarkingConfig(seeding_scheme="selfhash")``): with a key-seeded table ``a`` (a
+    ``randperm`` of 1,000,003 entries, plus one) and the window ``x_{t-h+1} .. x_t`` ending with the
+    candidate, the seed is ``min_i key * a(x_i) * a(x_t)`` (int64 arithmetic, wrapping as in
+    transformers). It depends on one window token (the argmin) and on ``x_t``: an edit elsewhere in the
+    window changes it only if the new token becomes the argmin (:func:`unaffected_fraction`).
+
+    Weaknesses of the ``"randperm"`` PRF, inherited from transformers for the cross-check: the lefthash
+    seed is ``key * code``, so for the context token 0 it is 0 whatever the key (that green list is
+    public), and the seed is a product, not a keyed hash. ``prf="hash"`` uses :func:`hash_uniform`
+    (``blake2b`` keyed with the full key) instead.
     """
 
     def __init__(self, vocab_size: int, gamma: float = 0.25, delta: float = 2.0, key: int = 15485863,
@@ -311,6 +334,7 @@ class KGW(_ListWatermark):
         self.top_candidates = check_int("top_candidates", top_candidates, minimum=1)
         self.green_size = int(self.vocab_size * self.gamma)
         self._rows: dict[int, torch.Tensor] = {}
+        self._table: torch.Tensor | None = None
 
     def with_key(self, key: int) -> "KGW":
         """The same scheme under another key (e.g. to draw many null tests from one text)."""
@@ -324,8 +348,9 @@ class KGW(_ListWatermark):
     # -- green lists --------------------------------------------------------------------------
     def _randperm_row(self, code: int) -> torch.Tensor:
         row = self._rows.get(code)
-        if row is None:
-            generator = torch.Generator().manual_seed((self.key * code) % (2 ** 64 - 1))
+        if row is None:  # lefthash seeds with key * code; a selfhash code already holds the key
+            seed = self.key * code if self.seeding == "lefthash" else code
+            generator = torch.Generator().manual_seed(seed % (2 ** 64 - 1))
             row = torch.zeros(self.vocab_size, dtype=torch.bool)
             row[torch.randperm(self.vocab_size, generator=generator)[: self.green_size]] = True
             self._rows[code] = row
@@ -351,12 +376,26 @@ class KGW(_ListWatermark):
             green[chosen] = table[inverse[chosen] - start, flat_tokens[chosen]]
         return green.reshape(codes.shape)
 
+    def min_hash(self, windows: torch.Tensor) -> torch.Tensor:
+        """The anchored min-hash seed of each window ``[..., h]`` (its last token is the one being
+        coloured): ``min_i key * a(x_i) * a(x_t)`` in wrapping int64, exactly transformers' ``set_seed``
+        for ``seeding_scheme="selfhash"``."""
+        if self._table is None:
+            generator = torch.Generator().manual_seed(self.key)
+            self._table = torch.randperm(_MINHASH_TABLE, generator=generator)
+        a = self._table[windows % _MINHASH_TABLE] + 1
+        return (self.key * a * a[..., -1:]).min(dim=-1).values
+
     def seed_codes(self, ids: torch.Tensor) -> torch.Tensor:
         """The code that seeds each scored position's green list: the ``h`` tokens before it
-        (lefthash) or the ``h`` tokens ending with it (selfhash). ``[B, L - h]``."""
+        (lefthash) or the anchored min-hash of the ``h`` tokens ending with it (selfhash). ``[B, L - h]``."""
         if self.seeding == "lefthash":
             return context_codes(ids, self.context, self.vocab_size)
-        return _self_codes(ids, self.context, self.vocab_size)
+        ids = _as_batch("ids", ids)
+        if ids.shape[1] <= self.context:
+            raise ValueError(f"ids must be longer than context ({self.context}) to have a position to score, "
+                             f"got length {ids.shape[1]}")
+        return self.min_hash(ids.unfold(1, self.context, 1)[:, 1:])
 
     def position_stats(self, ids: torch.Tensor) -> torch.Tensor:
         return self.is_green(self.seed_codes(ids), ids[:, self.context:]).float()
@@ -369,10 +408,23 @@ class KGW(_ListWatermark):
         return _KGWProcessor(self)
 
 
-def _self_codes(ids: torch.Tensor, context: int, vocab: int) -> torch.Tensor:
-    """Selfhash seed codes for positions ``i >= context``: tokens ``i-h+1 .. i`` (the token itself last)."""
-    padded = torch.cat([ids[:, 1:], ids.new_zeros(ids.shape[0], 1)], dim=1)  # shift left: window ends at i
-    return context_codes(padded, context, vocab)[:, :ids.shape[1] - context]
+def unaffected_fraction(watermark: "Watermark", rate: float) -> float:
+    """The expected fraction of scored positions whose colour (or ``r``) an edit at ``rate`` leaves
+    untouched, when each token is replaced independently with probability ``rate`` by a random one.
+
+    Lefthash context ``h`` (and Gumbel): the token and its ``h`` predecessors must all survive,
+    ``(1 - rate) ** (h + 1)``. Unigram: ``1 - rate``. Anchored min-hash over a window of ``h``: ``x_t``
+    must survive, and, if ``k`` of the other ``h - 1`` window tokens are replaced, the minimum of the
+    ``h`` old and ``k`` new (i.i.d.) hash values must lie on one of the ``h - k`` untouched tokens,
+    probability ``(h - k) / (h + k)``; so ``(1 - rate) * sum_k C(h-1, k) rate^k (1-rate)^(h-1-k) (h-k)/(h+k)``."""
+    if not isinstance(watermark, Watermark):
+        raise TypeError(f"watermark must be a KGW, Unigram or GumbelWatermark, got {type(watermark).__name__}")
+    rate = check_fraction("rate", rate)
+    h = watermark.context
+    if isinstance(watermark, KGW) and watermark.seeding == "selfhash":
+        return (1 - rate) * sum(math.comb(h - 1, k) * rate ** k * (1 - rate) ** (h - 1 - k) * (h - k) / (h + k)
+                                for k in range(h))
+    return (1 - rate) ** (h + 1)
 
 
 class _KGWProcessor(LogitsProcessor):
@@ -394,9 +446,7 @@ class _KGWProcessor(LogitsProcessor):
         candidates = scores.topk(k, dim=-1).indices  # [B, k]
         tail = input_ids[:, input_ids.shape[1] - wm.context + 1:] if wm.context > 1 else input_ids[:, :0]
         windows = torch.cat([tail[:, None, :].expand(-1, k, -1), candidates[..., None]], dim=-1)  # [B, k, h]
-        flat = windows.reshape(-1, wm.context)
-        codes = context_codes(torch.cat([flat, flat[:, :1]], 1), wm.context, wm.vocab_size)[:, 0].reshape(-1, k)
-        green = wm.is_green(codes, candidates)
+        green = wm.is_green(wm.min_hash(windows), candidates)
         bias = torch.zeros_like(scores).scatter(1, candidates, wm.delta * green.to(scores.dtype))
         return scores + bias
 

@@ -153,3 +153,18 @@ def test_placeholders_keep_what_must_not_change():
 def test_bad_inputs(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_rate_digits_shows_low_rates_with_significant_digits(shown):
+    assert f"{rate(9, 11283, digits=3)}" == "9/11283 (0.0798%, 95% CI 0.0420%–0.152%)"
+    assert f"{rate(0, 11283, digits=3)}" == "0/11283 (0%, 95% CI 0%–0.0340%)"
+    assert f"{rate(9, 11283)}" == "9/11283 (0.1%, 95% CI 0.0%–0.2%)", "the default is unchanged"
+    with pytest.raises(ValueError, match="trials"):
+        rate(1, 999, digits=3)
+    with pytest.raises(ValueError, match="digits"):
+        rate(1, 5000, digits=0)
+    # in a table, the padding comes from the trials and the digits, never from the value
+    for k in (0, 9, 4000):
+        nbtools.table({"KGW": {"FPR": rate(k, 11283, digits=3)}}, {"FPR": ("", nbtools.RATES)})
+    skeletons = {meta["companion"]["skeleton"] for _, meta in shown}
+    assert len(skeletons) == 1

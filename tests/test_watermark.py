@@ -45,13 +45,17 @@ def test_hash_uniform_is_uniform_and_keyed():
 @pytest.mark.parametrize("name", list(_schemes()))
 def test_null_false_positive_rate_matches_the_p_value(name):
     """On random tokens (no watermark) the exact p-value is valid: P(p <= 0.05) <= 0.05 up to sampling,
-    and z has mean ~0, sd ~1."""
-    wm = _schemes()[name]
+    and z has mean ~0, sd ~1. Validity is over the key's randomness, so five keys share the texts: under
+    one fixed key the anchored min-hash gives every token whose own hash is the window's minimum a
+    colour fixed by the key (the fraction of such self-green tokens is that key's, e.g. 0.2275 for key
+    7 at V=400), and one key's FPR may sit below the nominal level."""
+    base = _schemes()[name]
+    keyed = [base.with_key(7 + j) for j in range(5)]
     rng = np.random.default_rng(1)
     n = 1500
     ps, zs = [], []
-    for _ in range(n):
-        out = wm.detect(rng.integers(V, size=64).tolist())
+    for i in range(n):
+        out = keyed[i % 5].detect(rng.integers(V, size=64).tolist())
         ps.append(out["p_value"])
         zs.append(out["z"])
     ps, zs = np.array(ps), np.array(zs)
@@ -224,3 +228,91 @@ def test_lm_substitute_batch_matches_single(tiny_lm):
     texts = [tok(t)["input_ids"] for t in ("Anna was born in 1990.", "Bob lives in the town of Lake Mary now.")]
     batch = W.lm_substitute_batch(model, texts, 0.4, seed=3, start=2)
     assert batch == [W.lm_substitute(model, t, 0.4, seed=3 + i, start=2) for i, t in enumerate(texts)]
+
+
+def test_selfhash_is_transformers_anchored_min_hash():
+    """seeding="selfhash" is transformers' anchored min-hash: the same green list for every window, the same
+    biased logits (top-40 candidates), and the same green counts as its WatermarkDetector (which scores
+    windows ending at t >= h - 1; ours start at t >= h, hence the shift by one token)."""
+    from transformers import WatermarkDetector, WatermarkingConfig
+    from transformers.generation.logits_process import WatermarkLogitsProcessor
+
+    key = 20240607
+    for h in (2, 4):
+        ours = W.KGW(V, 0.25, 2.0, key=key, seeding="selfhash", context=h)
+        theirs = WatermarkLogitsProcessor(V, "cpu", 0.25, 2.0, key, "selfhash", h)
+        windows = torch.randint(V, (40, h), generator=torch.Generator().manual_seed(h))
+        for window in windows:
+            mask = torch.zeros(V, dtype=torch.bool)
+            mask[theirs._get_greenlist_ids(window)] = True
+            assert torch.equal(mask, ours.green_rows(ours.min_hash(window[None]))[0])
+        ids = torch.randint(V, (2, 9), generator=torch.Generator().manual_seed(5))
+        scores = torch.randn(2, V, generator=torch.Generator().manual_seed(6))
+        assert torch.allclose(ours.processor()(ids, scores), theirs(ids, scores.clone()))
+
+        class Config:
+            vocab_size, bos_token_id, is_encoder_decoder = V, 0, False
+
+        config = WatermarkingConfig(greenlist_ratio=0.25, bias=2.0, hashing_key=key, seeding_scheme="selfhash",
+                                    context_width=h)
+        detector = WatermarkDetector(Config(), "cpu", config, ignore_repeated_ngrams=False)
+        seq = np.random.default_rng(h).integers(1, V, size=50).tolist()
+        hf = detector(torch.tensor([seq[1:]]), return_dict=True)
+        mine = ours.detect(seq, ignore_repeated=False)
+        assert mine["scored"] == int(hf.num_tokens_scored[0]) and mine["green"] == int(hf.num_green_tokens[0])
+
+
+def test_min_hash_depends_on_the_argmin_and_the_token_only():
+    """Editing a window token that neither is nor becomes the minimum keeps the seed; editing the
+    argmin or the token itself changes it."""
+    wm = W.KGW(V, 0.25, 2.0, key=11, seeding="selfhash", context=4)
+    anchor = 21
+    wm.min_hash(torch.tensor([[anchor]]))  # builds the key's table
+    values = wm.key * (wm._table[torch.arange(V)] + 1) * (wm._table[anchor] + 1)  # wrapping int64
+    order = torch.argsort(values).tolist()
+    order.remove(anchor)
+    window = torch.tensor([order[0], order[5], order[6], anchor])  # the argmin is the first token
+    code = int(wm.min_hash(window[None])[0])
+    for j, harmless in ((1, order[7]), (2, order[9])):
+        edited = window.clone()
+        edited[j] = harmless
+        assert int(wm.min_hash(edited[None])[0]) == code
+    for j, new in ((0, order[8]), (3, order[1])):
+        edited = window.clone()
+        edited[j] = new
+        assert int(wm.min_hash(edited[None])[0]) != code
+
+
+@pytest.mark.parametrize("name", ["kgw4-hash", "self4-hash", "unigram", "gumbel"])
+def test_unaffected_fraction_matches_edits(name):
+    """The predicted fraction of positions an edit leaves untouched (same seed code, same token) matches
+    random substitution on random text."""
+    wm = _schemes()[name]
+    rng = np.random.default_rng(0)
+    kept = total = 0
+    for i in range(300):  # each token replaced independently with probability 0.3 (the theory's model)
+        before = torch.tensor(rng.integers(V, size=(1, 60)))
+        hit = torch.tensor(rng.random((1, 60)) < 0.3)
+        after = torch.where(hit, (before + torch.tensor(rng.integers(1, V, size=(1, 60)))) % V, before)
+        if isinstance(wm, W.KGW):
+            codes = wm.seed_codes(before), wm.seed_codes(after)
+        elif isinstance(wm, W.Unigram):
+            codes = before, after
+        else:
+            codes = (W.context_codes(before, wm.context, V), W.context_codes(after, wm.context, V))
+        h = wm.context
+        same = (codes[0] == codes[1]) & (before[:, h:] == after[:, h:])
+        kept, total = kept + int(same.sum()), total + same.numel()
+    assert abs(kept / total - W.unaffected_fraction(wm, 0.3)) < 0.015, (kept / total, W.unaffected_fraction(wm, 0.3))
+
+
+def test_hash_uniform_uses_the_full_key():
+    """Keys that agree in their low 32 bits, or whose 32-bit fold coincides, give unrelated uniforms
+    (a keyed blake2b of the full key, not a 32-bit key XORed into the code)."""
+    codes, tokens = torch.arange(300)[:, None], torch.arange(500)[None, :]
+    u = W.hash_uniform(5, codes, tokens).flatten().numpy()
+    for other in (5 + (1 << 40), 5 ^ ((1 << 32) | 1) ^ 1):
+        v = W.hash_uniform(other, codes, tokens).flatten().numpy()
+        assert abs(np.corrcoef(u, v)[0, 1]) < 0.01
+    shifted = W.hash_uniform(5 ^ 1, codes ^ 1, tokens).flatten().numpy()  # no relabelling of contexts
+    assert abs(np.corrcoef(u, shifted)[0, 1]) < 0.01
