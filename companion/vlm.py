@@ -839,6 +839,71 @@ def answer(model, tokenizer, pixel_values: torch.Tensor, questions: list, batch_
     return out
 
 
+def train_vlms_jointly(models: dict, dataset: ShapesDataset, tokenizer, steps: int = 600, batch_size: int = 32,
+                       lr: float = 3e-3, seed: int = 0, features: torch.Tensor | None = None) -> dict:
+    """Train several LLaVA-style VLMs that differ only in their projector around **one shared language
+    model** (the first model's LM and head are given to all), on the same batches: each step draws
+    ``batch_size`` scenes (:func:`training_batch`), every projector reads them, and the step minimises
+    the mean of the projectors' answer losses. Each projector thus gets exactly the same examples and
+    steps, and the LM, which serves all of them, sees every batch once per projector. The vision tower
+    stays frozen. Afterwards each model holds its own copy of the shared LM. Returns
+    ``{name: per-step losses}``."""
+    import copy
+
+    if not isinstance(models, dict) or not models:
+        raise TypeError(f"models must be a non-empty dict of name -> LLaVA-style model, got {type(models).__name__}")
+    for name, model in models.items():
+        _parts(model)
+    if not isinstance(dataset, ShapesDataset):
+        raise TypeError(f"dataset must be a ShapesDataset, got {type(dataset).__name__}")
+    steps = check_int("steps", steps, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    lr = check_positive_float("lr", lr)
+    seed = check_int("seed", seed, minimum=0)
+    first = next(iter(models.values()))
+    if features is None:
+        features = vision_features(first, dataset.pixels())
+    check_tensor("features", features, ndim=3, kind="float")
+    if len(features) != len(dataset):
+        raise ValueError(f"features must have one row per scene ({len(dataset)}), got {len(features)}")
+    language_model, head = first.model.language_model, first.lm_head
+    for model in models.values():
+        model.model.language_model, model.lm_head = language_model, head
+        for p in model.parameters():
+            p.requires_grad_(False)
+    params = list(dict.fromkeys([*language_model.parameters(), *head.parameters(),
+                                 *(p for m in models.values() for p in m.model.multi_modal_projector.parameters())]))
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_lr(s, steps, steps // 20 + 1))
+    generator = torch.Generator().manual_seed(seed)
+    losses = {name: [] for name in models}
+    for model in models.values():
+        model.train()
+    for _ in range(steps):
+        scenes = torch.randint(len(dataset), (batch_size,), generator=generator).tolist()
+        order = torch.randint(2**31 - 1, (1,), generator=generator).item()  # the same question order for all
+        total = 0.0
+        for name, model in models.items():
+            ids, mask, labels = training_batch(model, tokenizer, dataset, scenes, torch.Generator().manual_seed(order))
+            logits = merged_logits(model, features[scenes], ids, mask)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+            total = total + loss / len(models)
+            losses[name].append(round(loss.item(), 5))
+        optimizer.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+    for model in models.values():
+        model.model.language_model, model.lm_head = copy.deepcopy(language_model), copy.deepcopy(head)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+    return losses
+
+
 def correct_answers(model, tokenizer, dataset: ShapesDataset, per_type: int = 300) -> dict:
     """``{question type: [answered correctly?, ...]}`` on the first ``per_type`` questions of each type of
     ``dataset`` (the same questions for every model, so two models can be compared question by question)."""
@@ -875,6 +940,42 @@ def paired_comparison(correct_a: list, correct_b: list) -> tuple[int, int, float
     b_only = sum(b and not a for a, b in zip(correct_a, correct_b))
     p = 1.0 if a_only + b_only == 0 else float(binomtest(a_only, a_only + b_only, 0.5).pvalue)
     return a_only, b_only, p
+
+
+def token_columns(n_tokens: int, grid: int) -> torch.Tensor:
+    """The board column (0 .. ``grid`` - 1) that each of a projector's ``n_tokens`` output tokens covers,
+    for projectors whose output is a row-major square token grid (all but :class:`QueryProjector`)."""
+    side = grid_side(n_tokens)
+    grid = check_int("grid", grid, minimum=1)
+    if side % grid:
+        raise ValueError(f"the token grid side ({side}) must be a multiple of the board's grid ({grid})")
+    return (torch.arange(n_tokens) % side) // (side // grid)
+
+
+def position_probe(model, train_set: ShapesDataset, test_set: ShapesDataset, n_scenes: int = 1000) -> tuple[int, int]:
+    """How much column information survives the projector: a least-squares linear probe from each visual
+    token (the projector's output, before the LM) to the board column it covers, fitted on ``n_scenes``
+    training scenes and scored on ``n_scenes`` test scenes; ``(correct, total)`` over all test tokens.
+    Chance is ``1 / grid``. It measures what the LM *could* read, not what it learned to read."""
+    _, projector, _, _ = _parts(model)
+    for name, value in (("train_set", train_set), ("test_set", test_set)):
+        if not isinstance(value, ShapesDataset):
+            raise TypeError(f"{name} must be a ShapesDataset, got {type(value).__name__}")
+    n_scenes = check_int("n_scenes", n_scenes, minimum=1)
+
+    def tokens(dataset):
+        index = list(range(min(n_scenes, len(dataset))))
+        with torch.no_grad():
+            out = projector(vision_features(model, dataset.pixels(index)))
+        return out.reshape(-1, out.shape[-1]), token_columns(out.shape[1], dataset.grid).repeat(len(index))
+
+    x_train, y_train = tokens(train_set)
+    x_test, y_test = tokens(test_set)
+    ones = torch.ones(len(x_train), 1)
+    targets = F.one_hot(y_train, train_set.grid).float()
+    weights = torch.linalg.lstsq(torch.cat([x_train, ones], 1), targets).solution
+    predicted = (torch.cat([x_test, torch.ones(len(x_test), 1)], 1) @ weights).argmax(-1)
+    return int((predicted == y_test).sum()), len(y_test)
 
 
 def chance_accuracy(dataset: ShapesDataset, kind: str) -> float:
@@ -969,7 +1070,7 @@ class VisionRecipe(zoo.Recipe):
 
     vision: VisionConfig = VisionConfig()
     data: ShapesData = ShapesData()
-    steps: int = 500
+    steps: int = 800
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
@@ -998,14 +1099,15 @@ class VisionRecipe(zoo.Recipe):
 
 @dataclass(frozen=True)
 class VLMBundleRecipe(zoo.Recipe):
-    """``shapes-vlm``: one LLaVA-style VLM per projector on the frozen ``shapes-vit`` encoder, every one
-    trained (projector + LM) with the same steps, batch size, learning rate, seed and question order."""
+    """``shapes-vlm``: one LLaVA-style VLM per projector on the frozen ``shapes-vit`` encoder, trained
+    together around one shared LM (:func:`train_vlms_jointly`): the same steps, batches, learning rate and
+    seed for every projector, and the same LM weights in every model at the end."""
 
     projectors: tuple = ("mlp", "pool", "ldp", "ldpv2", "query")
     text: TextConfig = TextConfig()
-    steps: int = 600
-    batch_size: int = 64
-    lr: float = 2e-3
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 3e-3
     seed: int = 0
     encoder: str = "shapes-vit"
 
@@ -1019,23 +1121,19 @@ class VLMBundleRecipe(zoo.Recipe):
         vision_recipe = zoo.recipe_of(self.encoder)
         s = vision_recipe.data.splits()
         tok = shapes_tokenizer()
-        features = None
-        models, seconds, cpu_seconds, losses = {}, {}, {}, {}
+        models = {}
         for name in self.projectors:
-            seed_everything(self.seed)
-            model = build_tiny_vlm(name, tok, vision_recipe.vision, self.text, vision_tower=encoder.model.tower)
-            if features is None:
-                features = vision_features(model, s.train.pixels())
-            started, cpu_started = time.perf_counter(), time.process_time()
-            losses[name] = train_vlm(model, s.train, tok, self.steps, self.batch_size, self.lr, self.seed,
-                                     features=features)
-            seconds[name] = round(time.perf_counter() - started, 1)
-            cpu_seconds[name] = round(time.process_time() - cpu_started, 1)
+            seed_everything(self.seed)  # the first model's LM becomes the shared one
+            models[name] = build_tiny_vlm(name, tok, vision_recipe.vision, self.text, vision_tower=encoder.model.tower)
+        features = vision_features(models[self.projectors[0]], s.train.pixels())
+        started, cpu_started = time.perf_counter(), time.process_time()
+        losses = train_vlms_jointly(models, s.train, tok, self.steps, self.batch_size, self.lr, self.seed,
+                                    features=features)
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+        for name, model in models.items():
             save_file(model.state_dict(), str(Path(folder) / f"{name}.safetensors"))
-            models[name] = model
-        zoo.write_card(folder, self, nn.ModuleDict(models), sum(seconds.values()), losses[self.projectors[0]],
-                       seconds_per_projector=seconds, cpu_seconds_per_projector=cpu_seconds,
-                       losses_per_projector=losses)
+        zoo.write_card(folder, self, nn.ModuleDict(models), seconds, losses[self.projectors[0]],
+                       cpu_seconds=round(cpu_seconds, 1), losses_per_projector=losses)
 
     def read(self, folder: Path):
         from safetensors.torch import load_file

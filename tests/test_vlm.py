@@ -235,6 +235,27 @@ def test_training_rows_hold_every_question_and_answer(world, tok):
         assert (labels[row][mask[row] == 0] == -100).all()
 
 
+def test_joint_training_shares_one_lm_and_equal_batches(world, tok):
+    small = vlm.TextConfig(hidden=32, layers=1, heads=2, intermediate=64)
+    models = {}
+    for name in ("mlp", "ldpv2"):
+        torch.manual_seed(0)
+        models[name] = vlm.build_tiny_vlm(name, tok, text=small)
+    before = {n: {k: v.clone() for k, v in m.model.multi_modal_projector.state_dict().items()}
+              for n, m in models.items()}
+    tower = {k: v.clone() for k, v in models["ldpv2"].model.vision_tower.state_dict().items()}
+    losses = vlm.train_vlms_jointly(models, world, tok, steps=20, batch_size=8)
+    assert set(losses) == {"mlp", "ldpv2"} and all(len(v) == 20 for v in losses.values())
+    a, b = models["mlp"].model.language_model, models["ldpv2"].model.language_model
+    assert a is not b  # each model owns its copy afterwards ...
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # ... equal
+    for n, m in models.items():
+        after = m.model.multi_modal_projector.state_dict()
+        assert not all(torch.equal(v, after[k]) for k, v in before[n].items())
+    assert all(torch.equal(v, models["ldpv2"].model.vision_tower.state_dict()[k]) for k, v in tower.items())
+    assert np.mean(losses["ldpv2"][-5:]) < np.mean(losses["ldpv2"][:5])
+
+
 def test_vision_pretraining_and_accuracy(world):
     model, losses = vlm.pretrain_vision_encoder(world, steps=5, batch_size=8)
     correct, total = vlm.cell_accuracy(model, world)
@@ -266,7 +287,7 @@ def test_zoo_recipes_round_trip(tmp_path, monkeypatch):
     zoo.register("test-shapes-vlm", vlm.VLMBundleRecipe(projectors=("mlp", "ldpv2"), text=small, steps=2,
                                                         batch_size=4, encoder="test-shapes-vit"))
     bundle = zoo.load("test-shapes-vlm")
-    assert set(bundle.model) == {"mlp", "ldpv2"} and set(bundle.card["seconds_per_projector"]) == {"mlp", "ldpv2"}
+    assert set(bundle.model) == {"mlp", "ldpv2"} and set(bundle.card["losses_per_projector"]) == {"mlp", "ldpv2"}
     again = zoo.load("test-shapes-vlm")
     for name in ("mlp", "ldpv2"):
         for (k, a), b in zip(bundle.model[name].state_dict().items(), again.model[name].state_dict().values()):
