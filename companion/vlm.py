@@ -18,10 +18,11 @@ This module, read top to bottom:
 4. the VLM: transformers' own ``LlavaForConditionalGeneration`` built from configs, with our projector
    assigned to ``model.model.multi_modal_projector`` (:func:`build_tiny_vlm`) and the image-token count
    handled explicitly (:func:`count_visual_tokens`, :func:`vlm_inputs`);
-5. training (:func:`pretrain_vision_encoder`, :func:`train_vlm`) and evaluation (:func:`answer`,
-   :func:`evaluate_vlm`), cost (:func:`projector_flops`, :func:`prefill_flops`, :func:`prefill_latency`);
+5. training (:func:`pretrain_vision_encoder`, :func:`train_vlm`, :func:`train_vlms_jointly`) and evaluation
+   (:func:`answer`, :func:`evaluate_vlm`, :func:`paired_comparison`), cost (:func:`projector_flops`, :func:`prefill_flops`, :func:`prefill_latency`);
 6. the two zoo entries: ``shapes-vit`` (the vision encoder, pre-trained on the scenes) and ``shapes-vlm``
-   (one VLM per projector, trained at an equal budget on top of the frozen encoder).
+   (one VLM per projector on the frozen encoder, trained together around one shared LM at an equal
+   budget: :func:`train_vlms_jointly`); :func:`position_probe` asks how much position survives a projector.
 """
 
 from __future__ import annotations
@@ -1112,7 +1113,12 @@ class VLMBundleRecipe(zoo.Recipe):
     encoder: str = "shapes-vit"
 
     def fingerprints(self) -> list[str]:
-        return [zoo.entry_folder(self.encoder).name]
+        from companion.data import fingerprint
+
+        train = zoo.recipe_of(self.encoder).data.splits().train
+        vocab = shapes_tokenizer().get_vocab()
+        return [zoo.entry_folder(self.encoder).name, " ".join(sorted(vocab, key=vocab.get)),
+                fingerprint([f"{q.scene} {q.text} {q.answer}" for q in train.questions])]
 
     def train(self, folder: Path, progress: bool) -> None:
         from safetensors.torch import save_file
