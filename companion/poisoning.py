@@ -27,15 +27,14 @@ from __future__ import annotations
 import math
 import random
 import re
-import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from torch import nn
 
-from companion import chat_data, data, metrics, zoo
+from companion import chat_data, metrics, zoo
 from companion.checks import (check_bool, check_float, check_fraction, check_int, check_labels, check_lm_and_tokenizer,
                               check_module, check_same_length, check_str, check_tensor, check_texts)
 from companion.train import train_classifier
@@ -376,12 +375,22 @@ def strip_scores(model: nn.Module, x: torch.Tensor, clean_pool: torch.Tensor, n_
     return -entropy
 
 
+def _vector(name: str, value) -> torch.Tensor:
+    """``value`` (a tensor, array or list) as a 1-D tensor, or a TypeError that names it."""
+    try:
+        vector = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a 1-D tensor, array or list of numbers, got {type(value).__name__}") from None
+    return check_tensor(name, vector, ndim=1)
+
+
 def threshold_at_frr(clean_scores, frr: float) -> float:
     """The threshold that flags (``score > threshold``) at most a fraction ``frr`` of *clean* held-out
     examples: STRIP's calibration (a preset false-rejection rate; Gao et al. use 1%). Calibrate on
     data you do not evaluate on."""
-    clean = check_tensor("clean_scores", torch.as_tensor(clean_scores) if not isinstance(clean_scores, torch.Tensor)
-                         else clean_scores, ndim=1, finite=True)
+    clean = _vector("clean_scores", clean_scores)
+    if clean.dtype == torch.bool or not torch.isfinite(clean.double()).all():
+        raise ValueError("clean_scores must be finite numbers")
     if len(clean) == 0:
         raise ValueError("clean_scores must not be empty")
     frr = check_fraction("frr", frr)
@@ -403,13 +412,15 @@ class DetectionReport:
 
 def detection_report(is_poison, scores, flags) -> DetectionReport:
     """Score a detector against the attacker's ground truth (:attr:`PoisonedImages.poisoned`)."""
-    truth = check_tensor("is_poison", torch.as_tensor(is_poison), ndim=1)
+    truth = _vector("is_poison", is_poison)
     if truth.dtype != torch.bool:
         raise TypeError(f"is_poison must be a bool vector, got dtype {truth.dtype}")
-    flags = check_tensor("flags", torch.as_tensor(flags), ndim=1)
+    flags = _vector("flags", flags)
     if flags.dtype != torch.bool:
         raise TypeError(f"flags must be a bool vector, got dtype {flags.dtype}")
-    scores = torch.as_tensor(scores)
+    scores = _vector("scores", scores)
+    if scores.dtype == torch.bool or not torch.isfinite(scores.double()).all():
+        raise ValueError("scores must be finite numbers")
     check_same_length("is_poison", truth, "flags", flags)
     check_same_length("is_poison", truth, "scores", scores)
     positives, negatives = int(truth.sum()), int((~truth).sum())
