@@ -354,7 +354,7 @@ def activation_clusters(features: torch.Tensor, labels: torch.Tensor, n_componen
 @torch.no_grad()
 def strip_scores(model: nn.Module, x: torch.Tensor, clean_pool: torch.Tensor, n_overlays: int = 16, seed: int = 0
                  ) -> torch.Tensor:
-    """STRIP (Gao et al. 2019, Eq. 1-2): superimpose each input on ``n_overlays`` random clean images
+    """STRIP (Gao et al. 2019): superimpose each input on ``n_overlays`` random clean images
     (pixel sum, clipped to [0, 1]) and average the entropy of the model's predictions. A trigger
     dominates whatever it is blended with, so a poisoned input keeps its (target) prediction and has
     *low* entropy; the score is the negative mean entropy (higher = more likely poisoned)."""
@@ -577,13 +577,13 @@ zoo.register("tiny-llama-backdoor", BackdoorLMRecipe(**_tiny_llama_fields()))
 # ---------------------------------------------------------------------------------------------
 
 
-def onion_scores(lm, tokenizer, texts: list[str], batch_size: int = 64) -> list[np.ndarray]:
-    """ONION (Qi et al. 2021, Eq. 1): the suspicion of word ``i`` of a text is
+def onion_scores(model, tokenizer, texts: list[str], batch_size: int = 64) -> list[np.ndarray]:
+    """ONION (Qi et al. 2021): the suspicion of word ``i`` of a text is
     ``PPL(text) - PPL(text without word i)``, scored by a *clean* language model: a rare-word trigger
     is an outlier whose removal makes the text much more fluent. Returns one array of per-word
     scores per text (words split on spaces). Costs ``n + 1`` LM passes per text of ``n`` words
     (batched; every text scored within the LM's trained context, :mod:`companion.metrics`)."""
-    check_lm_and_tokenizer(lm, tokenizer)
+    check_lm_and_tokenizer(model, tokenizer)
     check_texts("texts", texts, nonempty_each=True)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     variants, spans = [], []
@@ -592,7 +592,7 @@ def onion_scores(lm, tokenizer, texts: list[str], batch_size: int = 64) -> list[
         spans.append((len(variants), len(words)))
         variants.append(text)
         variants += [" ".join(words[:i] + words[i + 1:]) or tokenizer.eos_token or "." for i in range(len(words))]
-    nll, count = metrics.sequence_nll(lm, tokenizer, variants, batch_size=batch_size)
+    nll, count = metrics.sequence_nll(model, tokenizer, variants, batch_size=batch_size)
     ppl = torch.exp(nll / count.clamp(min=1)).numpy()
     return [ppl[start] - ppl[start + 1: start + 1 + n] for start, n in spans]
 

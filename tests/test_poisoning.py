@@ -110,7 +110,8 @@ def test_penultimate_features_layers():
     hidden = poisoning.penultimate_features(model, x)
     assert hidden.shape == (5, 16) and torch.allclose(hidden, model[1](model[0](x)))
     assert torch.allclose(poisoning.penultimate_features(model, x, layer="logits"), model(x))
-    assert torch.allclose(poisoning.penultimate_features(model, x, layer="0", batch_size=2), model[0](x))
+    first = poisoning.penultimate_features(model, x, layer="0", batch_size=2)
+    assert torch.allclose(first, model[0](x), atol=1e-6)  # batched in twos
     with pytest.raises(ValueError, match="layer"):
         poisoning.penultimate_features(model, x, layer="fc9")
 
@@ -126,14 +127,14 @@ def test_penultimate_features_of_a_language_model(tiny_lm):
 # --- detectors ------------------------------------------------------------------------------
 
 
-def _planted(n=300, shifted=15, dim=20, seed=0):
+def _planted(n=300, shifted=15, dim=20, seed=0, shift=8.0):
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(n, dim, generator=g)
     labels = torch.randint(0, 3, (n,), generator=g)
     planted = torch.zeros(n, dtype=torch.bool)
     index = torch.nonzero(labels == 1).flatten()[:shifted]
     planted[index] = True
-    features[index] += 4.0 * torch.nn.functional.normalize(torch.ones(dim), dim=0)
+    features[index] += shift * torch.nn.functional.normalize(torch.ones(dim), dim=0)
     return features, labels, planted
 
 
@@ -176,13 +177,13 @@ def test_strip_scores_and_threshold():
 
 def test_onion_scores_a_planted_rare_word_highest(tiny_lm):
     model, tok = tiny_lm
-    from companion.train import pack_sequences, mixed_batches, train_causal_lm
+    from companion.train import mixed_batches, stream_windows, train_causal_lm
 
     world = data.make_world(n_people=60, seed=3)
-    sequences = [tok(t)["input_ids"] + [tok.eos_token_id] for t in world.biographies[:120]]
-    model = type(model)(model.config)
+    stream = [i for t in world.biographies for i in tok(t)["input_ids"] + [tok.eos_token_id]]
     torch.manual_seed(0)
-    train_causal_lm(model, mixed_batches([pack_sequences(sequences, 64, tok.pad_token_id)], [16], seed=0), steps=60)
+    model = type(model)(model.config)
+    train_causal_lm(model, mixed_batches([stream_windows(stream, 64)], [16], seed=0), steps=60)
     text = world.biographies[0].split(".")[0] + "."
     words = text.split(" ")
     planted = " ".join(words[:3] + ["zqxv"] + words[3:])
