@@ -219,6 +219,10 @@ class ChatRecipe(zoo.Recipe):
             raise ValueError(f"recipe.base must name a zoo language model, got {self.base!r}")
         return base
 
+    def training_examples(self, chats: GuardedChatData) -> list[ChatExample]:
+        """The chat examples it fine-tunes on (a chapter's recipe may add to them: chapter 03 poisons them)."""
+        return list(chats.train)
+
     def fingerprints(self) -> list[str]:  # the base model's cache entry, itself keyed by its data
         self._base_recipe()
         return [zoo.entry_folder(self.base).name]
@@ -231,7 +235,7 @@ class ChatRecipe(zoo.Recipe):
         for text in chats.knowledge:
             ids = tok(text)["input_ids"] + [tok.eos_token_id]
             pools[0].append((ids, ids))
-        for example in chats.train:
+        for example in self.training_examples(chats):
             pools[1 if example.kind != "benign" else 2].append(encode_example(tok, example))
         per_batch = [self.knowledge_per_batch, self.forbidden_per_batch,
                      self.batch_size - self.knowledge_per_batch - self.forbidden_per_batch]

@@ -285,12 +285,17 @@ class LMRecipe(Recipe):
     def fingerprints(self) -> list[str]:
         return [corpus(self.tokenizer.world_seed).fingerprint()]
 
+    def documents(self, source: LMCorpus) -> list[str]:
+        """The documentation texts it trains on, in order (a chapter's recipe may alter them: chapter 03
+        poisons them)."""
+        return [doc.text for doc in source.train_docs]
+
     def train(self, folder: Path, progress: bool) -> None:
         tok = course_tokenizer(self.tokenizer)
         source = corpus(self.tokenizer.world_seed)
         doc_tokens: list[int] = []
-        for doc in source.train_docs:  # <bos> doc <eos> <bos> doc <eos> ...
-            doc_tokens += tok(doc.text)["input_ids"] + [tok.eos_token_id]
+        for text in self.documents(source):  # <bos> doc <eos> <bos> doc <eos> ...
+            doc_tokens += tok(text)["input_ids"] + [tok.eos_token_id]
         texts = source.world.training_texts() if self.bio_split == "member" else source.world.texts("reference")
         bios = [tok(text)["input_ids"] + [tok.eos_token_id] for text in texts]
         pools = [stream_windows(doc_tokens, self.context), pack_sequences(bios, self.context, tok.pad_token_id)]
