@@ -55,6 +55,13 @@ class GCGConfig:
     ``fluency_weight > 0`` adds ``fluency_weight * mean NLL of the suffix tokens`` to the loss, the
     adaptive attack against a perplexity filter. ``batch_size`` caps how many candidates one forward
     pass evaluates (``None``: all of them).
+
+    ``use_mellowmax``: the loss is ``mm_alpha(token NLLs) = (logsumexp(alpha * nll) - log n) / alpha``
+    over the target's per-token cross-entropies. nanoGCG applies mellowmax to the *negated target
+    logits* ``-z_t`` instead (no softmax), so the two rank candidates differently; ours keeps the
+    loss a (soft-max) cross-entropy. The allowed-token mask (:func:`allowed_token_mask`) is
+    deliberately stricter than nanoGCG's: it also removes the chat-role tokens, which nanoGCG's
+    filter (BOS/EOS/PAD/UNK and non-ASCII) would allow on this tokenizer.
     """
 
     num_steps: int = 50
