@@ -14,9 +14,16 @@ The module reads as the chapter does:
 3. **Fake quantization and the STE.** ``round`` has zero gradient almost everywhere, so QAT uses the
    straight-through estimator (Bengio et al. 2013): the forward pass sees ``x_hat``, the backward pass
    treats quantize-dequantize as the identity; the *clipped* STE passes the gradient only where
-   ``x`` lies inside the representable range (as LLM-QAT does, Liu et al. 2023).
+   ``x`` is not clipped (Hubara et al. 2016; Jacob et al. 2018). "Not clipped" is decided on the code
+   before clamping, as PyTorch's fake-quantize ops do; deciding it on the real interval
+   ``[(q_min - z) s, (q_max - z) s]`` instead would also zero the gradient of values that round onto the
+   edge codes, which an asymmetric min-max range produces (its rounded zero point shifts that interval by
+   up to half a step). :func:`zero_gradient_fraction` measures how many gradients the clip zeroes.
 4. **LSQ** (Esser et al. 2020, "Learned Step Size Quantization", Eqs. 1-3 and Sec. 2.2): the step ``s``
-   is a parameter trained by backpropagation, its gradient scaled by ``g = 1 / sqrt(N * Q_P)``.
+   is a parameter trained by backpropagation, its gradient scaled by ``g = 1 / sqrt(N * Q_P)``. The paper
+   has one step per layer (``N`` = the layer's weights) and trains with SGD; one step per group (``N`` =
+   the group size) is our extension, and under Adam(W) a constant gradient factor such as ``g`` cancels
+   out of the update (up to ``eps``), so it only matters for SGD-like optimisers.
 5. **Layers.** :func:`prepare_qat` swaps every linear layer of a model's decoder blocks (or of a plain
    network) for a :class:`FakeQuantLinear`; the same prepared model, not trained, *is* PTQ with
    round-to-nearest weights (static activation ranges come from :func:`calibrate_ptq`). :func:`convert`
@@ -195,12 +202,15 @@ def quantize_tensor(x: torch.Tensor, bits: int = 8, granularity: str = "per_tens
 
 
 def _fake_rows(rows, scale, zero, qmin, qmax, ste):
-    """Quantize-dequantize ``rows`` in the forward pass; in the backward pass the identity (``plain``)
-    or the identity inside the representable range ``[(qmin - z) s, (qmax - z) s]`` and zero outside
-    (``clipped``)."""
-    x_hat = (_quant(rows, scale, zero, qmin, qmax) - zero) * scale
+    """Quantize-dequantize ``rows`` in the forward pass; in the backward pass the identity (``plain``),
+    or the identity where the code before clamping, ``round(x / s) + z``, lies in ``[qmin, qmax]`` and
+    zero where the clamp cut it (``clipped``; the mask of PyTorch's ``torch.fake_quantize_*`` ops).
+    Under a min-max range every value rounds into the grid, so the two agree exactly."""
+    codes = torch.round(rows / scale) + zero
+    x_hat = (torch.clamp(codes, qmin, qmax) - zero) * scale
     if ste == "clipped":
-        rows = torch.maximum(torch.minimum(rows, (qmax - zero) * scale), (qmin - zero) * scale)
+        inside = ((codes >= qmin) & (codes <= qmax)).to(rows.dtype)
+        return x_hat.detach() + (rows - rows.detach()) * inside
     return rows + (x_hat - rows).detach()
 
 
@@ -208,7 +218,7 @@ def fake_quantize(x: torch.Tensor, bits: int = 8, granularity: str = "per_tensor
                   group_size: int | None = None, method: str = "minmax", ste: str = "clipped",
                   scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None) -> torch.Tensor:
     """``x_hat`` with a straight-through gradient (Bengio et al. 2013; the clipped variant zeroes the
-    gradient outside the range, as in Jacob et al. 2018 and LLM-QAT).
+    gradient outside the representable range, as in Hubara et al. 2016 and Jacob et al. 2018).
 
     The range is chosen from the detached ``x`` by ``method`` (dynamic quantization), unless a
     precomputed ``scale`` and ``zero_point`` (``[n_groups, 1]``, e.g. calibrated static ranges) are given.
@@ -233,6 +243,18 @@ def fake_quantize(x: torch.Tensor, bits: int = 8, granularity: str = "per_tensor
                              f"the same shape, got {tuple(scale.shape)} and {tuple(zero_point.shape)}")
         scale, zero_point = scale.reshape(-1, 1), zero_point.reshape(-1, 1)
     return _fake_rows(rows, scale, zero_point, qmin, qmax, ste).reshape(x.shape)
+
+
+def zero_gradient_fraction(x: torch.Tensor, bits: int = 8, granularity: str = "per_tensor",
+                           symmetric: bool = True, group_size: int | None = None,
+                           method: str = "minmax") -> float:
+    """Fraction of the entries of ``x`` to which the clipped STE gives zero gradient (their code
+    ``round(x / s) + z`` falls outside ``[q_min, q_max]``); the plain STE gives none. Zero for min-max
+    ranges, symmetric or not; positive for ranges that clip (percentile, MSE)."""
+    x = _check_x(x)
+    probe = x.detach().clone().requires_grad_(True)
+    fake_quantize(probe, bits, granularity, symmetric, group_size, method, ste="clipped").sum().backward()
+    return float((probe.grad == 0).float().mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +286,9 @@ class LSQQuantizer(nn.Module):
         check_bool("signed", signed)
         self.bits, self.signed = bits, signed
         self.q_n, self.q_p = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-        self.step = nn.Parameter(torch.ones(self.groups, 1))
+        # one step per group, stored 1-D: like biases and norm gains it must get no weight decay, and
+        # train_causal_lm decays exactly the parameters with ndim >= 2
+        self.step = nn.Parameter(torch.ones(self.groups))
         self.register_buffer("initialized", torch.tensor(False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -274,10 +298,10 @@ class LSQQuantizer(nn.Module):
         rows = x.reshape(self.groups, -1)
         if not bool(self.initialized):
             with torch.no_grad():
-                self.step.copy_(2 * rows.abs().mean(1, keepdim=True) / math.sqrt(self.q_p))
+                self.step.copy_(2 * rows.abs().mean(1) / math.sqrt(self.q_p))
                 self.step.clamp_(min=1e-8)
                 self.initialized.fill_(True)
-        step = _grad_scale(self.step, 1.0 / math.sqrt(rows.shape[1] * self.q_p))
+        step = _grad_scale(self.step.reshape(-1, 1), 1.0 / math.sqrt(rows.shape[1] * self.q_p))
         v = torch.clamp(rows / step, -self.q_n, self.q_p)
         v = v + (torch.round(v) - v).detach()
         return (v * step).reshape(x.shape)
@@ -447,20 +471,23 @@ def _run(model, data, batch_size):
 
 @torch.no_grad()
 def calibrate_ptq(model: nn.Module, data: torch.Tensor, method: str = "minmax", percentile: float = 99.9,
-                  batch_size: int = 16, max_samples: int = 1 << 18) -> dict[str, tuple[float, float]]:
+                  batch_size: int = 16, max_samples: int = 1 << 18, seed: int = 0) -> dict[str, tuple[float, float]]:
     """Static activation ranges for a model prepared with ``activation_static=True``: run the
     calibration ``data`` (token ids ``[n, T]`` for an LM, inputs ``[n, d]`` otherwise), observe every
     fake-quantized layer's input, and set one scale and zero point per layer from its min-max, its
     ``percentile``, or the MSE-optimal clipping (:func:`choose_qparams`). Returns ``{layer: (lo, hi)}``.
 
-    The min and max are exact; percentile and MSE ranges are computed on an evenly strided subsample of
-    at most ``max_samples`` values per layer. Calibration data must never be evaluation data.
+    The min and max are exact; percentile and MSE ranges are computed on a uniform random subsample of
+    about ``max_samples`` values per layer (drawn with ``seed``, each batch contributing in proportion
+    to its size, so every channel and token is represented; a fixed stride would not be: a stride that
+    divides the width keeps the same few channels). Calibration data must never be evaluation data.
     """
     check_module("model", model)
     check_choice("method", method, RANGES)
     check_float("percentile", percentile, 50, 100, open_minimum=True)
     check_int("batch_size", batch_size, minimum=1)
     check_int("max_samples", max_samples, minimum=16)
+    check_int("seed", seed, minimum=0)
     check_tensor("data", data, nonempty=True)
     if data.dtype in (torch.int64, torch.int32):
         check_token_ids("data", data, model)
@@ -470,13 +497,17 @@ def calibrate_ptq(model: nn.Module, data: torch.Tensor, method: str = "minmax", 
                          "QuantConfig(..., activation_bits=8, activation_granularity='per_tensor', "
                          "activation_static=True)) first")
     seen = {name: {"lo": math.inf, "hi": -math.inf, "samples": []} for name in layers}
+    generator = torch.Generator().manual_seed(seed)
 
     def observe(name):
         def hook(module, args):
-            x = args[0].detach().float().reshape(-1)
+            x = args[0].detach().float()
+            # this batch's share of the budget: its examples out of all len(data) examples
+            keep = min(x.numel(), math.ceil(max_samples * x.shape[0] / len(data)))
+            x = x.reshape(-1)
             entry = seen[name]
             entry["lo"], entry["hi"] = min(entry["lo"], float(x.min())), max(entry["hi"], float(x.max()))
-            entry["samples"].append(x[:: max(1, x.numel() * len(data) // max_samples)])
+            entry["samples"].append(x[torch.randperm(x.numel(), generator=generator)[:keep]])
         return hook
 
     was_training = model.training
@@ -551,7 +582,7 @@ class QuantizedLinear(nn.Module):
             weight = weight_matrix(fake.layer).detach().float()
             if fake.lsq is not None:
                 rows = weight.reshape(fake.lsq.groups, -1)
-                scale = fake.lsq.step.detach()
+                scale = fake.lsq.step.detach().reshape(-1, 1)
                 zero = torch.zeros_like(scale)
                 qmin, qmax = -fake.lsq.q_n, fake.lsq.q_p
                 codes = _quant(rows, scale, zero, qmin, qmax)
@@ -629,11 +660,12 @@ def int_mm_is_exact() -> bool:
 
 
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for int8 matrices as exact int32 sums: ``torch._int_mm`` where it is exact, else float32
-    arithmetic on the codes (exact while ``in_features * 127^2 < 2^24``, i.e. up to 1,040 inputs)."""
+    """``a @ b`` for int8 matrices as exact integer sums: ``torch._int_mm`` where it is exact, else float64
+    arithmetic on the codes (exact while ``in_features * 127^2 < 2^53``, i.e. for any real layer; float32
+    would be exact only up to 1,040 inputs)."""
     if int_mm_is_exact():
         return torch._int_mm(a, b).float()
-    return a.float() @ b.float()
+    return (a.double() @ b.double()).float()
 
 
 @torch.no_grad()
@@ -758,9 +790,25 @@ def lm_splits(tokenizer, context: int = 128, calib_windows: int = 32, seed: int 
     docs = stream_windows(stream(source.train_docs), context)
     bios = pack_sequences([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in source.world.training_texts()],
                           context, tokenizer.pad_token_id)
-    order = torch.randperm(len(docs[0]), generator=torch.Generator().manual_seed(seed))
-    return LMSplits(docs=docs, bios=bios, calib=docs[0][order[:calib_windows]],
+    return LMSplits(docs=docs, bios=bios, calib=_draw_windows(docs[0], calib_windows, seed),
                     valid=stream_windows(stream(source.valid_docs), context)[0])
+
+
+def _draw_windows(windows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    return windows[order[:n]]
+
+
+def calibration_draw(splits: LMSplits, seed: int, windows: int | None = None) -> torch.Tensor:
+    """Another calibration set: ``windows`` (default: as many as ``splits.calib``) training documentation
+    windows drawn with ``seed``, exactly as :func:`lm_splits` draws ``calib`` (the same seed gives the same
+    windows). Repeating a PTQ over several draws measures how much its result depends on the draw."""
+    if not isinstance(splits, LMSplits):
+        raise TypeError(f"splits must be an LMSplits (from lm_splits), got {type(splits).__name__}")
+    seed = check_int("seed", seed, minimum=0)
+    n = len(splits.calib) if windows is None else check_int("windows", windows, minimum=1,
+                                                           maximum=len(splits.docs[0]))
+    return _draw_windows(splits.docs[0], n, seed)
 
 
 def finetune(model: nn.Module, splits: LMSplits, steps: int = 60, batch_size: int = 16, lr: float = 1e-3,

@@ -152,6 +152,86 @@ def test_static_calibration_sets_ranges_and_percentile_clips(tiny_lm):
     assert torch.isfinite(prepared(input_ids=_ids(tok)).logits).all()
 
 
+def test_calibration_sample_covers_every_channel():
+    """Percentile ranges come from a sample of the inputs. Two quiet channels among 128 loud ones barely
+    move the 99th percentile, unless the sample keeps only those channels (a stride that divides the
+    width did: stride 64 kept channels 0 and 64 here, and the range came out 100 times too narrow)."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(512, 128, generator=g)
+    data[:, [0, 64]] *= 0.01
+    config = Q.QuantConfig(8, "per_channel", None, activation_bits=8, activation_granularity="per_tensor",
+                           activation_static=True)
+    net = Q.prepare_qat(nn.Sequential(nn.Linear(128, 8)), config)
+    lo, hi = Q.calibrate_ptq(net, data, method="percentile", percentile=99.0, max_samples=1 << 14)["0"]
+    true_lo, true_hi = torch.quantile(data.flatten()[:1 << 20], torch.tensor([0.01, 0.99]))
+    assert abs(hi - float(true_hi)) < 0.15 and abs(lo - float(true_lo)) < 0.15, (lo, hi)
+    again = Q.calibrate_ptq(net, data, method="percentile", percentile=99.0, max_samples=1 << 14)["0"]
+    assert again == (lo, hi)  # seeded: the same sample
+
+
+def test_clipped_ste_equals_plain_under_minmax_and_clips_under_mse():
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)) * 0.05
+    for symmetric in (True, False):  # the rounded zero point of an asymmetric range clips nothing either
+        assert Q.zero_gradient_fraction(w, 2, "per_group", symmetric, 32) == 0.0
+        assert Q.zero_gradient_fraction(w, 8, "per_channel", symmetric) == 0.0
+    assert Q.zero_gradient_fraction(w, 2, "per_group", False, 32, method="mse") > 0.01
+    probe = w.clone().requires_grad_(True)
+    Q.fake_quantize(probe, 2, "per_group", False, 32, ste="plain").sum().backward()
+    assert bool((probe.grad == 1).all())
+
+
+def test_agrees_with_torch_fake_quantize_per_channel_affine():
+    """Core PyTorch's per-channel fake quantizer, given our scale and zero point, computes the same grid."""
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)) * 2
+    for bits in (2, 4, 8):
+        for symmetric in (True, False):
+            scale, zero = Q.choose_qparams(x, bits, "per_channel", symmetric)
+            qmin, qmax = Q.qrange(bits, symmetric)
+            theirs = torch.fake_quantize_per_channel_affine(x, scale.flatten(), zero.flatten().int(), 0,
+                                                            qmin, qmax)
+            mine = Q.fake_quantize(x, bits, "per_channel", symmetric)
+            differ = (mine - theirs).abs() > 1e-5
+            # x * (1/s) and x / s may round a value sitting on a half-step differently: at most a step
+            assert float(differ.float().mean()) <= 0.01, (bits, symmetric)
+            assert bool(((mine - theirs).abs() <= scale * 1.0001).all())
+    # the clipped STE's mask is theirs: a clipping range (half the min-max one) zeroes the same gradients
+    scale, zero = Q.choose_qparams(x / 2, 4, "per_channel", False)
+    ours, ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    Q.fake_quantize(ours, 4, "per_channel", False, scale=scale, zero_point=zero).sum().backward()
+    torch.fake_quantize_per_channel_affine(ref, scale.flatten(), zero.flatten().int(), 0, -8, 7).sum().backward()
+    assert float((ours.grad != ref.grad).float().mean()) <= 0.01 and 0.05 < float((ref.grad == 0).float().mean())
+
+
+def test_lsq_steps_get_no_weight_decay(tiny_lm, monkeypatch):
+    """train_causal_lm decays parameters with ndim >= 2; a learned step must not be pulled towards 0."""
+    from companion import train
+
+    model, tok = tiny_lm
+    model = Q.prepare_qat(copy.deepcopy(model), Q.QuantConfig(2, group_size=8, weight_symmetric=True,
+                                                               weight_range="lsq"))
+    groups = []
+
+    class Recorder(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            groups.extend(self.param_groups)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorder)
+    ids = _ids(tok, 2, 16)
+    train.train_causal_lm(model, iter([{"input_ids": ids, "labels": ids}]), steps=1, lr=1e-3)
+    steps = {id(m.lsq.step) for m in Q.fake_quant_layers(model).values()}
+    decayed = {id(p) for group in groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert steps and not steps & decayed
+
+
+def test_calibration_draw_repeats_lm_splits():
+    docs = torch.arange(40 * 8).reshape(40, 8)
+    splits = Q.LMSplits(docs=(docs, docs), bios=(docs, docs), calib=Q._draw_windows(docs, 4, 0), valid=docs)
+    assert torch.equal(Q.calibration_draw(splits, 0), splits.calib)  # lm_splits draws calib this way
+    assert not torch.equal(Q.calibration_draw(splits, 1), splits.calib)
+    assert Q.calibration_draw(splits, 1, windows=3).shape == (3, 8)
+
+
 def test_digits_mlp_without_decoder_blocks():
     net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     Q.prepare_qat(net, Q.QuantConfig(4, "per_channel", None))
@@ -202,7 +282,7 @@ def test_agrees_with_torchao_fake_quantizer():
             theirs = IntxFakeQuantizer(IntxFakeQuantizeConfig(dtype, group_size=32, is_symmetric=symmetric))(x)
             mine = Q.fake_quantize(x, bits, "per_group", symmetric=symmetric, group_size=32)
             ratio = (mine - x).pow(2).mean() / (theirs - x).pow(2).mean()
-            assert 0.25 < ratio < 4, (bits, symmetric, float(ratio))  # measured 0.4-1.1
+            assert 0.25 < ratio < 4, (bits, symmetric, float(ratio))  # recorded: 0.43-1.84
 
 
 def test_int8_matmul_is_exact_on_any_cpu():
