@@ -145,8 +145,10 @@ def make_shapes_dataset(n_scenes: int, seed: int = 0, grid: int = 4, cell: int =
     Colours and shapes are distinct within a scene, so "the red object" and "the square" name one object.
     Every scene gets a caption and one question of each applicable type: colour, shape, count, column
     (1-4, left to right) and left ("is the red square left of the blue cross", only when two objects
-    are in different columns). Spatial questions need the position of a token, which is what the
-    projectors in this chapter keep or lose.
+    are in different columns). Spatial questions need an object's position, which a VLM can get from its
+    visual tokens (what a projector keeps or loses) or from the LM's own position encoding of the token
+    order. Each shape is drawn inside its own ``cell``-pixel square, so with 4-pixel patches and 8-pixel
+    cells a 2x2 pooling window is exactly one board cell: pooling never mixes two objects here.
     """
     n_scenes = check_int("n_scenes", n_scenes, minimum=1)
     seed = check_int("seed", seed, minimum=0)
