@@ -970,18 +970,22 @@ def grid_apply(tokens: torch.Tensor, fn) -> torch.Tensor:
 
 
 def position_probe(model, train_set: ShapesDataset, test_set: ShapesDataset, n_scenes: int = 1000,
-                   projector=None) -> tuple[int, int]:
+                   projector=None, by_scene: bool = False):
     """How much column information survives the projector: a least-squares linear probe from each visual
     token (the projector's output, before the LM) to the board column it covers, fitted on ``n_scenes``
     training scenes and scored on ``n_scenes`` test scenes; ``(correct, total)`` over all test tokens.
     Chance is ``1 / grid``. It measures what the LM *could* read, not what it learned to read.
     ``projector`` (default: the model's own) may be any callable from the encoder's ``(B, N, d_v)``
-    features to square-grid tokens, for controls such as the raw features pooled with no projector."""
+    features to square-grid tokens, for controls such as the raw features pooled with no projector.
+    ``by_scene=True`` returns instead the number of correctly probed tokens of each test scene (an
+    integer array): the tokens of one scene are correlated, so intervals should resample scenes."""
     _, own, _, _ = _parts(model)
     if projector is None:
         projector = own
     elif not callable(projector):
         raise TypeError(f"projector must be callable (features -> tokens) or None, got {type(projector).__name__}")
+    if not isinstance(by_scene, bool):
+        raise TypeError(f"by_scene must be a bool, got {type(by_scene).__name__}")
     for name, value in (("train_set", train_set), ("test_set", test_set)):
         if not isinstance(value, ShapesDataset):
             raise TypeError(f"{name} must be a ShapesDataset, got {type(value).__name__}")
@@ -999,7 +1003,10 @@ def position_probe(model, train_set: ShapesDataset, test_set: ShapesDataset, n_s
     targets = F.one_hot(y_train, train_set.grid).float()
     weights = torch.linalg.lstsq(torch.cat([x_train, ones], 1), targets).solution
     predicted = (torch.cat([x_test, torch.ones(len(x_test), 1)], 1) @ weights).argmax(-1)
-    return int((predicted == y_test).sum()), len(y_test)
+    hits = predicted == y_test
+    if by_scene:
+        return hits.reshape(min(n_scenes, len(test_set)), -1).sum(1).numpy()
+    return int(hits.sum()), len(y_test)
 
 
 def chance_accuracy(dataset: ShapesDataset, kind: str) -> float:

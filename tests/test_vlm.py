@@ -364,6 +364,10 @@ def test_grid_apply_and_probe_controls(world, tok):
     assert n == 10 * 16 and 0 <= k <= n
     k, n = vlm.position_probe(model, world, world, n_scenes=10)
     assert n == 10 * 16
+    per_scene = vlm.position_probe(model, world, world, n_scenes=10, by_scene=True)
+    assert per_scene.shape == (10,) and int(per_scene.sum()) == k and per_scene.max() <= 16
+    with pytest.raises(TypeError, match="by_scene"):
+        vlm.position_probe(model, world, world, n_scenes=10, by_scene="yes")
     with pytest.raises(TypeError, match="projector"):
         vlm.position_probe(model, world, world, n_scenes=10, projector=3)
     with pytest.raises(TypeError, match="fn"):
