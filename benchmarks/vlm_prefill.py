@@ -7,7 +7,9 @@
    MobileLLaMA 1.4B: d_t = 2048).
 2. LM prefill latency (batch 1, median of 20) vs the number of visual tokens, for the chapter's tiny LM
    (width 64, 2 layers) and a wider one (width 512, 8 layers, untrained: timing only), with the prefill
-   FLOPs beside it.
+   FLOPs beside it (linear layers counted by ``torch.utils.flop_counter`` plus the attention products
+   ``QK^T`` and ``AV`` added analytically over the full T x T, ``vlm.attention_flops``) and the prefill
+   throughput in tokens/s ((visual + 10 text tokens) / median latency).
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ def main() -> None:
     tok = vlm.shapes_tokenizer()
     for text in (vlm.TextConfig(), vlm.TextConfig(hidden=512, layers=8, heads=8, intermediate=1536)):
         model = vlm.build_tiny_vlm("mlp", tok, text=text)
-        print(f"\nLM width {text.hidden}, {text.layers} layers: visual tokens, prefill MFLOPs, median ms")
+        print(f"\nLM width {text.hidden}, {text.layers} layers: visual tokens, prefill MFLOPs (of which "
+              f"attention), median ms, prefill tokens/s")
         for n in (16, 36, 64, 144, 256, 576):
-            print(f"{n:5d}  {vlm.prefill_flops(model, n) / 1e6:10.1f}  {vlm.prefill_latency(model, n) * 1e3:8.2f}")
+            seconds = vlm.prefill_latency(model, n)
+            print(f"{n:5d}  {vlm.prefill_flops(model, n) / 1e6:10.1f}  ({vlm.attention_flops(model, n + 10) / 1e6:8.1f})"
+                  f"  {seconds * 1e3:8.2f}  {(n + 10) / seconds:9.0f}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ This module, read top to bottom:
    assigned to ``model.model.multi_modal_projector`` (:func:`build_tiny_vlm`) and the image-token count
    handled explicitly (:func:`count_visual_tokens`, :func:`vlm_inputs`);
 5. training (:func:`pretrain_vision_encoder`, :func:`train_vlm`, :func:`train_vlms_jointly`) and evaluation
-   (:func:`answer`, :func:`evaluate_vlm`, :func:`paired_comparison`), cost (:func:`projector_flops`, :func:`prefill_flops`, :func:`prefill_latency`);
+   (:func:`answer`, :func:`evaluate_vlm`, :func:`paired_comparison`), cost (:func:`projector_flops`, :func:`prefill_flops` with :func:`attention_flops`, :func:`prefill_latency`);
 6. the two zoo entries: ``shapes-vit`` (the vision encoder, pre-trained on the scenes) and ``shapes-vlm``
    (one VLM per projector on the frozen encoder, trained together around one shared LM at an equal
    budget: :func:`train_vlms_jointly`); :func:`position_probe` asks how much position survives a projector.
@@ -145,8 +145,10 @@ def make_shapes_dataset(n_scenes: int, seed: int = 0, grid: int = 4, cell: int =
     Colours and shapes are distinct within a scene, so "the red object" and "the square" name one object.
     Every scene gets a caption and one question of each applicable type: colour, shape, count, column
     (1-4, left to right) and left ("is the red square left of the blue cross", only when two objects
-    are in different columns). Spatial questions need the position of a token, which is what the
-    projectors in this chapter keep or lose.
+    are in different columns). Spatial questions need an object's position, which a VLM can get from its
+    visual tokens (what a projector keeps or loses) or from the LM's own position encoding of the token
+    order. Each shape is drawn inside its own ``cell``-pixel square, so with 4-pixel patches and 8-pixel
+    cells a 2x2 pooling window is exactly one board cell: pooling never mixes two objects here.
     """
     n_scenes = check_int("n_scenes", n_scenes, minimum=1)
     seed = check_int("seed", seed, minimum=0)
@@ -314,12 +316,15 @@ class ChannelNorm(nn.Module):
 
 class SqueezeExcite(nn.Module):
     """MobileNetV3's squeeze-and-excitation gate (Howard et al. 2019): global average pool, a bottleneck of
-    ``C / 4`` (at least 8, rounded to a multiple of 8), ReLU, expansion, hard-sigmoid, and a per-channel scale."""
+    ``C / 4`` (torchvision's ``_make_divisible``: at least 8, rounded to a multiple of 8, plus 8 if rounding
+    lost more than 10%), ReLU, expansion, hard-sigmoid, and a per-channel scale."""
 
     def __init__(self, channels: int):
         super().__init__()
         channels = check_int("channels", channels, minimum=1)
         squeezed = max(8, int(channels / 4 + 4) // 8 * 8)
+        if squeezed < 0.9 * channels / 4:
+            squeezed += 8
         self.reduce = nn.Conv2d(channels, squeezed, 1)
         self.expand = nn.Conv2d(squeezed, channels, 1)
 
@@ -953,12 +958,34 @@ def token_columns(n_tokens: int, grid: int) -> torch.Tensor:
     return (torch.arange(n_tokens) % side) // (side // grid)
 
 
-def position_probe(model, train_set: ShapesDataset, test_set: ShapesDataset, n_scenes: int = 1000) -> tuple[int, int]:
+def grid_apply(tokens: torch.Tensor, fn) -> torch.Tensor:
+    """Apply ``fn`` to ``(B, N, d)`` tokens laid out as their ``(B, d, side, side)`` grid map (row-major,
+    like the ViT's patches) and return the result as tokens again: e.g. ``grid_apply(f, PEG(d))`` or a
+    parameter-free 2x2 average pooling ``grid_apply(f, lambda m: F.avg_pool2d(m, 2))``."""
+    check_tensor("tokens", tokens, ndim=3, kind="float")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (a module or function on a (B, d, side, side) map), got "
+                        f"{type(fn).__name__}")
+    return _to_tokens(fn(_to_map(tokens)))
+
+
+def position_probe(model, train_set: ShapesDataset, test_set: ShapesDataset, n_scenes: int = 1000,
+                   projector=None, by_scene: bool = False):
     """How much column information survives the projector: a least-squares linear probe from each visual
     token (the projector's output, before the LM) to the board column it covers, fitted on ``n_scenes``
     training scenes and scored on ``n_scenes`` test scenes; ``(correct, total)`` over all test tokens.
-    Chance is ``1 / grid``. It measures what the LM *could* read, not what it learned to read."""
-    _, projector, _, _ = _parts(model)
+    Chance is ``1 / grid``. It measures what the LM *could* read, not what it learned to read.
+    ``projector`` (default: the model's own) may be any callable from the encoder's ``(B, N, d_v)``
+    features to square-grid tokens, for controls such as the raw features pooled with no projector.
+    ``by_scene=True`` returns instead the number of correctly probed tokens of each test scene (an
+    integer array): the tokens of one scene are correlated, so intervals should resample scenes."""
+    _, own, _, _ = _parts(model)
+    if projector is None:
+        projector = own
+    elif not callable(projector):
+        raise TypeError(f"projector must be callable (features -> tokens) or None, got {type(projector).__name__}")
+    if not isinstance(by_scene, bool):
+        raise TypeError(f"by_scene must be a bool, got {type(by_scene).__name__}")
     for name, value in (("train_set", train_set), ("test_set", test_set)):
         if not isinstance(value, ShapesDataset):
             raise TypeError(f"{name} must be a ShapesDataset, got {type(value).__name__}")
@@ -976,7 +1003,10 @@ def position_probe(model, train_set: ShapesDataset, test_set: ShapesDataset, n_s
     targets = F.one_hot(y_train, train_set.grid).float()
     weights = torch.linalg.lstsq(torch.cat([x_train, ones], 1), targets).solution
     predicted = (torch.cat([x_test, torch.ones(len(x_test), 1)], 1) @ weights).argmax(-1)
-    return int((predicted == y_test).sum()), len(y_test)
+    hits = predicted == y_test
+    if by_scene:
+        return hits.reshape(min(n_scenes, len(test_set)), -1).sum(1).numpy()
+    return int(hits.sum()), len(y_test)
 
 
 def chance_accuracy(dataset: ShapesDataset, kind: str) -> float:
@@ -996,18 +1026,40 @@ def chance_accuracy(dataset: ShapesDataset, kind: str) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def attention_flops(model, n_tokens: int) -> int:
+    """FLOPs of the attention products of one full-sequence forward over ``n_tokens`` tokens (batch 1):
+    per layer ``QK^T`` and ``AV`` each cost ``2 T^2 (heads * head_dim)``, so ``4 L T^2 d_attn`` in all (the
+    quadratic term of the chapter's prefill estimate). It counts the full ``T x T`` product, as the dense
+    (math) kernel computes it before the causal mask; a kernel that skips the masked half does about half."""
+    _, _, language_model, _ = _parts(model)
+    n_tokens = check_int("n_tokens", n_tokens, minimum=1)
+    config = language_model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    head_dim = getattr(config, "head_dim", None) or width // heads
+    return int(4 * layers * n_tokens * n_tokens * heads * head_dim)
+
+
 def prefill_flops(model, n_visual_tokens: int, n_text_tokens: int = 10) -> int:
-    """FLOPs (matmuls, ``torch.utils.flop_counter``) of the LM's prefill over ``n_visual_tokens`` visual plus
-    ``n_text_tokens`` text embeddings, batch 1 (the vision tower and projector are not included)."""
+    """FLOPs of the LM's prefill over ``n_visual_tokens`` visual plus ``n_text_tokens`` text embeddings,
+    batch 1 (the vision tower and projector are not included): the linear layers and the LM head as
+    ``torch.utils.flop_counter`` counts them, plus the attention products :func:`attention_flops` (full
+    ``T x T``, added analytically: the counter does not see the fused CPU attention kernel; any attention
+    it did count is replaced, so the total is the same on every backend)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     _, _, language_model, head = _parts(model)
     n_visual_tokens = check_int("n_visual_tokens", n_visual_tokens, minimum=0)
     n_text_tokens = check_int("n_text_tokens", n_text_tokens, minimum=1)
-    embeds = torch.zeros(1, n_visual_tokens + n_text_tokens, model.get_input_embeddings().embedding_dim)
+    n_tokens = n_visual_tokens + n_text_tokens
+    embeds = torch.zeros(1, n_tokens, model.get_input_embeddings().embedding_dim)
     with FlopCounterMode(display=False) as counter:
         head(language_model(inputs_embeds=embeds).last_hidden_state[:, -1:])
-    return int(counter.get_total_flops())
+    counted = counter.get_flop_counts().get("Global", {})
+    attention_counted = sum(v for op, v in counted.items() if "attention" in str(op))
+    linear = int(counter.get_total_flops()) - int(attention_counted)
+    return linear + attention_flops(model, n_tokens)
 
 
 def prefill_latency(model, n_visual_tokens: int, n_text_tokens: int = 10, repeats: int = 20) -> float:

@@ -306,3 +306,72 @@ def test_bad_arguments():
         vlm.count_visual_tokens(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="max_objects"):
         vlm.make_shapes_dataset(3, max_objects=9)
+
+
+# ----- review items: LDP block structure, attention FLOPs, probe controls ---------------------
+
+
+def test_ldp_block_structure():
+    ldp = vlm.LDP(8, 16)
+    one, two = ldp.block_1, ldp.block_2
+    assert one.stride == 1 and two.stride == 2
+    for block in (one, two):
+        dw = block.depthwise
+        assert dw.groups == dw.in_channels == 16 and dw.kernel_size == (3, 3) and dw.bias is None
+        assert block.pointwise.kernel_size == (1, 1) and block.pointwise.groups == 1
+        assert [name for name, _ in block.named_children()] == [
+            "depthwise", "norm_1", "se", "pointwise", "norm_2"]
+    x = torch.randn(2, 16, 4, 4)
+    # block 1 is residual: zeroing its last norm's affine output leaves the identity
+    with torch.no_grad():
+        one.norm_2.norm.weight.zero_()
+        one.norm_2.norm.bias.zero_()
+    assert torch.allclose(one(x), x)
+    assert two(x).shape == (2, 16, 2, 2)  # stride 2, no residual (shapes differ)
+    # the order depthwise -> norm -> hardswish -> SE (hardsigmoid gate) -> pointwise -> norm
+    with torch.no_grad():
+        expected = two.norm_2(two.pointwise(two.se(torch.nn.functional.hardswish(
+            two.norm_1(two.depthwise(x))))))
+    assert torch.allclose(two(x), expected)
+    se = vlm.SqueezeExcite(40)
+    assert se.reduce.out_channels == 16  # torchvision's _make_divisible(10, 8)
+    assert vlm.SqueezeExcite(64).reduce.out_channels == 16
+
+
+@pytest.mark.parametrize("text", [vlm.TextConfig(), vlm.TextConfig(architecture="gpt2", hidden=32, layers=1,
+                                                                    heads=2, intermediate=64)])
+def test_prefill_flops_include_attention(tok, text):
+    model = vlm.build_tiny_vlm("mlp", tok, text=text)
+    n_vis, n_text = 54, 10
+    t = n_vis + n_text
+    lm = model.model.language_model
+    linear = sum(m.weight.numel() for m in lm.modules()
+                 if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+    head = model.get_output_embeddings().weight.numel()
+    attention = 4 * text.layers * t * t * text.hidden
+    assert vlm.attention_flops(model, t) == attention
+    assert vlm.prefill_flops(model, n_vis, n_text) == 2 * linear * t + 2 * head + attention
+
+
+def test_grid_apply_and_probe_controls(world, tok):
+    f = torch.randn(2, 64, 8)
+    pooled = vlm.grid_apply(f, lambda m: torch.nn.functional.avg_pool2d(m, 2))
+    assert pooled.shape == (2, 16, 8)
+    assert torch.allclose(pooled[0, 0], f[0, [0, 1, 8, 9]].mean(0))
+    model = vlm.build_tiny_vlm("pool", tok, text=vlm.TextConfig(hidden=32, layers=1, heads=2, intermediate=64))
+    k, n = vlm.position_probe(model, world, world, n_scenes=10,
+                              projector=lambda x: vlm.grid_apply(x, lambda m: torch.nn.functional.avg_pool2d(m, 2)))
+    assert n == 10 * 16 and 0 <= k <= n
+    k, n = vlm.position_probe(model, world, world, n_scenes=10)
+    assert n == 10 * 16
+    per_scene = vlm.position_probe(model, world, world, n_scenes=10, by_scene=True)
+    assert per_scene.shape == (10,) and int(per_scene.sum()) == k and per_scene.max() <= 16
+    with pytest.raises(TypeError, match="by_scene"):
+        vlm.position_probe(model, world, world, n_scenes=10, by_scene="yes")
+    with pytest.raises(TypeError, match="projector"):
+        vlm.position_probe(model, world, world, n_scenes=10, projector=3)
+    with pytest.raises(TypeError, match="fn"):
+        vlm.grid_apply(f, 3)
+    assert vlm.token_columns(16, 4).tolist() == [0, 1, 2, 3] * 4
+    a_only, b_only, p = vlm.paired_comparison([True, True, False], [False, True, False])
+    assert (a_only, b_only) == (1, 0) and 0 < p <= 1
