@@ -29,7 +29,7 @@ def test_tasks_and_injections(people):
     assert [s.kind for s in samples[:4]] == ["clean", "benign", "print", "revision"]
     for s in samples:
         if s.kind == "print":
-            assert s.answer in s.instruction and s.answer.isupper() and s.answer != inj.CANARY
+            assert s.answer in s.instruction and s.answer in inj.PRINT_WORDS
         else:
             assert s.answer in s.data  # every extraction answer is in the text
     sets = inj.make_injection_dataset(people, 12, seed=1)
