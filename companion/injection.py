@@ -619,7 +619,7 @@ def preference_pairs(samples: list) -> list[tuple[Sample, str, str]]:
     out = []
     for s in samples:
         if s.kind in FAMILIES:
-            word = next(w for w in sorted(PRINT_WORDS, key=len, reverse=True) if w in s.injected)
+            word = next((w for w in sorted(PRINT_WORDS, key=len, reverse=True) if w in s.injected), CANARY)
             out.append((s, f"{s.answer}.", f"{word}."))
     return out
 
