@@ -246,9 +246,10 @@ class QARecipe(zoo.Recipe):
         seconds, losses = {}, {}
         for name, people in runs:
             model, tok, seconds[name], losses[name] = self._train_one(people, progress)
+            (folder / name).mkdir()
             zoo.save_lm(folder / name, model, tok)
         zoo.write_card(folder, self, model, sum(seconds.values()), losses[runs[-1][0]],
-                       seconds=seconds, all_losses=losses)
+                       seconds_per_model=seconds, all_losses=losses)
 
     def read(self, folder):
         names = list(self.without) or ["model"]
@@ -288,8 +289,9 @@ zoo.register("qa-llama-oracles", QARecipe(without=tuple(FORGET_FRACTIONS)))
 METHODS = ("ga", "graddiff", "kl", "npo", "simnpo", "rmu")
 
 
-def as_batch(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ``(input_ids, labels)`` pairs into a batch dict; labels are ``-100`` on padding."""
+def as_batch(sequences: list[tuple[list[int], list[int]]], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Right-pad ``(input_ids, labels)`` pairs into a batch dict (on ``device``, if given); labels are
+    ``-100`` on padding."""
     if not isinstance(sequences, list) or not sequences:
         raise TypeError(f"sequences must be a non-empty list of (input_ids, labels) pairs, got {sequences!r:.60}")
     check_int("pad_id", pad_id, minimum=0)
@@ -298,7 +300,8 @@ def as_batch(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[
             raise TypeError(f"sequences[{i}] must be an (input_ids, labels) pair of equal, non-zero lengths")
     ids, mask = pad_batch([ids for ids, _ in sequences], pad_id)
     labels, _ = pad_batch([lab for _, lab in sequences], -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
 def _check_batch(name: str, batch) -> None:
@@ -316,19 +319,22 @@ def _targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
     return labels.clamp_min(0), mask
 
 
-def _log_probs(model, batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_log_probs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of log p over each sequence's answer tokens [B], number of answer tokens [B])``: the
+    quantity every loss below is built from. Prompt and padding tokens (label -100) are masked."""
     check_causal_lm(model)
-    _check_batch(name, batch)
+    _check_batch("batch", batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    targets, mask = _targets(batch)
+    targets, mask = _targets(batch)  # position t predicts token t+1; mask: an answer token
     token = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
     return (token * mask).sum(1), mask.sum(1)
 
 
-def sequence_log_probs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum of log p over each sequence's answer tokens [B], number of answer tokens [B])``: the
-    quantity every loss below is built from. Prompt and padding tokens (label -100) are masked."""
-    return _log_probs(model, batch, "batch")
+def _log_probs(model, batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sequence_log_probs`, with errors naming the caller's argument (``forget``, ``retain``)."""
+    check_causal_lm(model)
+    _check_batch(name, batch)
+    return sequence_log_probs(model, batch)
 
 
 def _nll(model, batch, name: str) -> torch.Tensor:
@@ -519,17 +525,17 @@ def unlearn(model, forget, retain, method: str = "ga", steps: int = 100, lr: flo
     if reference is not None:
         check_module("reference", reference)
         reference.eval().requires_grad_(False)
-    control = None
+    control, device = None, next(model.parameters()).device
     if method == "rmu":
         n_blocks = getattr(model.config, "num_hidden_layers", None) or model.config.n_layer
         layer = n_blocks // 2 if layer is None else check_int("layer", layer, minimum=0, maximum=n_blocks - 1)
         torch.manual_seed(seed)
         with torch.no_grad():
-            sample = as_batch(forget[:batch_size], pad_id)
+            sample = as_batch(forget[:batch_size], pad_id, device)
             h = hidden_states(reference, sample, layer)[:, 1:]
             norm = h.norm(dim=-1)[_targets(sample)[1]].mean()
-        direction = torch.rand(h.shape[-1])
-        control = steer * float(norm) * direction / direction.norm()
+        direction = torch.rand(h.shape[-1], device=device)
+        control = (steer * float(norm) * direction / direction.norm()).to(h.dtype)
 
     generator = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -542,8 +548,8 @@ def unlearn(model, forget, retain, method: str = "ga", steps: int = 100, lr: flo
                 evals[step] = evaluate(model)
         if step == steps:
             break
-        f = as_batch(generator.sample(forget, min(batch_size, len(forget))), pad_id)
-        r = as_batch(generator.sample(retain, min(batch_size, len(retain))), pad_id)
+        f = as_batch(generator.sample(forget, min(batch_size, len(forget))), pad_id, device)
+        r = as_batch(generator.sample(retain, min(batch_size, len(retain))), pad_id, device)
         model.train()
         if method == "ga":
             loss = ga_loss(model, f)
@@ -811,12 +817,13 @@ def relearn(model, sequences, steps: int = 20, lr: float = 1e-3, batch_size: int
     batch_size = check_int("batch_size", batch_size, minimum=1)
     seed = check_int("seed", seed, minimum=0)
     pad_id = check_int("pad_id", pad_id, minimum=0)
-    generator = random.Random(seed)
+    generator, device = random.Random(seed), next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     model.train()
     losses = []
     for _ in range(steps):
-        loss = nll_loss(model, as_batch(generator.sample(sequences, min(batch_size, len(sequences))), pad_id))
+        batch = as_batch(generator.sample(sequences, min(batch_size, len(sequences))), pad_id, device)
+        loss = nll_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
