@@ -522,19 +522,17 @@ def unlearn(model, forget, retain, method: str = "ga", steps: int = 100, lr: flo
         raise TypeError(f"evaluate must be None or a callable model -> dict, got {type(evaluate).__name__}")
     if reference is None and method in ("kl", "npo", "rmu"):
         reference = copy.deepcopy(model)
-    if reference is not None:
-        check_module("reference", reference)
-        reference.eval().requires_grad_(False)
+    if reference is not None:  # only ever read under torch.no_grad(); its flags are left as they are
+        check_causal_lm(reference)
     control, device = None, next(model.parameters()).device
     if method == "rmu":
         n_blocks = getattr(model.config, "num_hidden_layers", None) or model.config.n_layer
         layer = n_blocks // 2 if layer is None else check_int("layer", layer, minimum=0, maximum=n_blocks - 1)
-        torch.manual_seed(seed)
         with torch.no_grad():
             sample = as_batch(forget[:batch_size], pad_id, device)
             h = hidden_states(reference, sample, layer)[:, 1:]
             norm = h.norm(dim=-1)[_targets(sample)[1]].mean()
-        direction = torch.rand(h.shape[-1], device=device)
+        direction = torch.rand(h.shape[-1], generator=torch.Generator().manual_seed(seed)).to(device)
         control = (steer * float(norm) * direction / direction.norm()).to(h.dtype)
 
     generator = random.Random(seed)
@@ -567,7 +565,7 @@ def unlearn(model, forget, retain, method: str = "ga", steps: int = 100, lr: flo
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     n_passes, n_ref = PASSES[method]
     return model, UnlearnLog(method=method, losses=losses, evals=evals, passes=(n_passes * steps, n_ref * steps),
@@ -720,13 +718,18 @@ def membership_scores(model, tokenizer, facts: list[Fact]) -> dict[str, torch.Te
 
 
 def privleak(auc: float, oracle_auc: float) -> float:
-    """MUSE's PrivLeak (Shi et al. 2024): ``(AUC_unlearned - AUC_oracle) / AUC_oracle`` for a membership
-    attack telling forget from holdout examples. 0: leaks as much as the oracle; strongly negative:
-    still recognisably trained on (under-unlearning); strongly positive: over-unlearned (the forget set
-    now looks *less* familiar than unseen data, which is itself a tell)."""
+    """MUSE's PrivLeak (Shi et al. 2024, Sec. 3): how much more (or less) a membership attack tells forget
+    examples from holdout examples than it does on the retrain oracle, relative to the oracle.
+
+    MUSE scores the AUC with the forget set as the *negative* class (a model that still remembers gets an
+    AUC near 0); ``auc`` and ``oracle_auc`` here use the course's convention (forget = positive, higher =
+    member), i.e. ``1 - AUC_MUSE``, so ``PrivLeak = (oracle_auc - auc) / (1 - oracle_auc)``, which is MUSE's
+    number exactly. 0: leaks as much as the oracle; strongly negative (down to about -1): still recognisably
+    trained on (under-unlearning); strongly positive: over-unlearned (the forget set now looks *less*
+    familiar than unseen data, which is itself a tell)."""
     auc = check_float("auc", auc, 0, 1)
-    oracle_auc = check_float("oracle_auc", oracle_auc, 0, 1, open_minimum=True)
-    return (auc - oracle_auc) / oracle_auc
+    oracle_auc = check_float("oracle_auc", oracle_auc, 0, 1, open_maximum=True)
+    return (oracle_auc - auc) / (1 - oracle_auc)
 
 
 def general_perplexity(model, tokenizer, texts: list[str]) -> float:
@@ -762,7 +765,8 @@ def evaluate_unlearning(model, tokenizer, facts: dict, oracle=None, texts: list[
 
     - ``{split}_correct`` / ``{split}_fluent`` / ``{split}_n``: greedy answers that state the truth /
       have the taught form;
-    - ``truth_ratio``: the forget set's truth ratios; with ``oracle`` (the retrain oracle, a model),
+    - ``truth_ratio``: the forget set's truth ratios; with ``oracle`` (the retrain oracle: a model, or
+      the report this function returned for it on the same ``facts``, to save recomputing it),
       ``forget_quality`` (KS p-value against the oracle's ratios);
     - ``mia_auc``: per membership score, the AUC of telling forget facts (trained on) from holdout facts
       (never seen); with ``oracle``, ``privleak`` per score (MUSE);
@@ -775,8 +779,8 @@ def evaluate_unlearning(model, tokenizer, facts: dict, oracle=None, texts: list[
         raise TypeError("facts must be a dict with 'forget', 'retain' and 'holdout' lists of Fact")
     for split in ("forget", "retain", "holdout"):
         _check_facts(facts[split])
-    if oracle is not None:
-        check_causal_lm(oracle)
+    if oracle is not None and not (isinstance(oracle, dict) and {"truth_ratio", "mia_auc"} <= set(oracle)):
+        check_causal_lm(oracle)  # a model, or the report this function gave for it
     report = {}
     for split in ("forget", "retain", "holdout"):
         replies = answers(model, tokenizer, facts[split])
@@ -828,7 +832,7 @@ def relearn(model, sequences, steps: int = 20, lr: float = 1e-3, batch_size: int
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return losses
 

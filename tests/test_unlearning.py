@@ -204,7 +204,8 @@ def test_answer_judges(qa):
     assert not U.answer_correct(fact, "The pet of Ada Lane is catfish.")
     assert U.well_formed(fact, "The pet of Ada Lane is dog.")
     assert not U.well_formed(fact, "The pet pet pet of of")
-    assert U.privleak(0.5, 0.5) == 0 and U.privleak(0.25, 0.5) == -0.5
+    # MUSE's numbers: AUC_MUSE = 1 - ours; a model that still remembers (ours 1.0) vs an oracle at 0.5: -100%
+    assert U.privleak(0.5, 0.5) == 0 and U.privleak(1.0, 0.5) == -1.0 and U.privleak(0.25, 0.5) == 0.5
 
 
 # --- the stress tests -----------------------------------------------------------------------------
@@ -227,3 +228,28 @@ def test_relearn_lowers_the_loss(tiny_lm, qa):
     seqs = U.qa_sequences(tok, qa.facts_of(qa.people[:2]), phrasings=(0,))
     losses = U.relearn(model, seqs, steps=8, lr=1e-2, batch_size=8, pad_id=tok.pad_token_id)
     assert losses[-1] < losses[0]
+
+
+# --- the zoo recipes -------------------------------------------------------------------------------
+
+
+def test_qa_recipe_and_its_oracle_bundle(monkeypatch):
+    from companion import zoo
+
+    monkeypatch.setitem(zoo.RECIPES, "test-llama", zoo.LMRecipe(
+        architecture="llama", hidden=32, layers=2, heads=2, intermediate=64, context=128, steps=2, batch_size=8,
+        bio_per_batch=4))
+    monkeypatch.setitem(zoo.RECIPES, "test-qa", U.QARecipe(base="test-llama", steps=3, batch_size=8, n_people=20,
+                                                         n_holdout=5))
+    monkeypatch.setitem(zoo.RECIPES, "test-qa-oracles", U.QARecipe(base="test-llama", steps=3, batch_size=8,
+                                                                 n_people=20, n_holdout=5,
+                                                                 without=("forget01", "forget10")))
+    qa_entry, oracles = zoo.load("test-qa"), zoo.load("test-qa-oracles")
+    assert len(qa_entry.card["losses"]) == 3 and set(oracles.card["seconds_per_model"]) == {"forget01", "forget10"}
+    assert oracles.model["forget10"].config.trained_context == 128
+    a, b = oracles.model["forget01"].state_dict(), oracles.model["forget10"].state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # different data, different models
+    with pytest.raises(ValueError, match="split"):
+        oracles.model["forget05"]
+    with pytest.raises(ValueError, match="without must be"):
+        U.QARecipe(without=("forget99",))
