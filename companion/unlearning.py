@@ -578,9 +578,9 @@ def unlearn(model, forget, retain, method: str = "ga", steps: int = 100, lr: flo
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_facts(facts) -> list[Fact]:
+def _check_facts(facts, name: str = "facts") -> list[Fact]:
     if not isinstance(facts, list) or not facts or not all(isinstance(f, Fact) for f in facts):
-        raise TypeError(f"facts must be a non-empty list of Fact, got {facts!r:.60}")
+        raise TypeError(f"{name} must be a non-empty list of Fact, got {facts!r:.60}")
     return facts
 
 
@@ -748,7 +748,8 @@ def general_perplexity(model, tokenizer, texts: list[str]) -> float:
 def quick_eval(model, tokenizer, forget_facts: list[Fact], retain_facts: list[Fact], texts: list[str]) -> dict:
     """The cheap evaluation :func:`unlearn` runs along its trajectory: correct and well-formed answers on
     forget and retain facts (counts), mean answer NLL of each, and general-text perplexity."""
-    forget_facts, retain_facts = _check_facts(forget_facts), _check_facts(retain_facts)
+    forget_facts = _check_facts(forget_facts, "forget_facts")
+    retain_facts = _check_facts(retain_facts, "retain_facts")
     out = {}
     for name, facts in (("forget", forget_facts), ("retain", retain_facts)):
         replies = answers(model, tokenizer, facts)
@@ -782,7 +783,7 @@ def evaluate_unlearning(model, tokenizer, facts: dict, oracle=None, texts: list[
     if not isinstance(facts, dict) or not {"forget", "retain", "holdout"} <= set(facts):
         raise TypeError("facts must be a dict with 'forget', 'retain' and 'holdout' lists of Fact")
     for split in ("forget", "retain", "holdout"):
-        _check_facts(facts[split])
+        _check_facts(facts[split], "facts")
     if oracle is not None and not (isinstance(oracle, dict) and {"truth_ratio", "mia_auc"} <= set(oracle)):
         check_causal_lm(oracle)  # a model, or the report this function gave for it
     report = {}
