@@ -117,6 +117,9 @@ def test_penultimate_features_layers():
 
 
 def test_penultimate_features_of_a_language_model(tiny_lm):
+    """On a causal LM the per-token states of one input are flattened to a single (1, T*d) row: the
+    same function works unchanged on a Hugging Face model. Such rows are comparable only across inputs
+    of the same length T (pad or pool first for a real detector); this test only checks the shape."""
     model, tok = tiny_lm
     ids = torch.tensor([tok("Ada lives in Paris")["input_ids"]])
     feats = poisoning.penultimate_features(model, ids)
@@ -215,3 +218,55 @@ def test_digits_backdoor_end_to_end():
     report = poisoning.backdoor_report(model, splits.x_test, splits.y_test, trigger, target=0)
     assert report.asr.rate > 0.8 and report.clean_accuracy.rate > 0.85
     assert report.asr.trials == int((splits.y_test != 0).sum())
+
+
+# --- every public detector rejects bad input, naming the argument --------------------------------
+
+
+def test_detectors_reject_bad_input_naming_the_argument(tiny_lm):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x, pool = torch.rand(6, 4), torch.rand(5, 4)
+    with pytest.raises(TypeError, match="model"):
+        poisoning.strip_scores("not a model", x, pool)
+    with pytest.raises(ValueError, match="clean_pool"):
+        poisoning.strip_scores(model, x, torch.rand(5, 3))
+    with pytest.raises(ValueError, match="n_overlays"):
+        poisoning.strip_scores(model, x, pool, n_overlays=0)
+    with pytest.raises(ValueError, match="frr"):
+        poisoning.threshold_at_frr([0.1, 0.2], 1.5)
+    with pytest.raises(ValueError, match="clean_scores"):
+        poisoning.threshold_at_frr([], 0.05)
+    with pytest.raises(ValueError, match="clean_scores"):
+        poisoning.threshold_at_frr([0.1, float("nan")], 0.05)
+    truth = torch.tensor([True, False, False])
+    with pytest.raises(TypeError, match="is_poison"):
+        poisoning.detection_report(torch.tensor([1, 0, 0]), torch.rand(3), truth)
+    with pytest.raises(TypeError, match="flags"):
+        poisoning.detection_report(truth, torch.rand(3), torch.rand(3))
+    with pytest.raises(ValueError, match="scores"):
+        poisoning.detection_report(truth, torch.rand(4), truth)
+    with pytest.raises(ValueError, match="is_poison"):
+        poisoning.detection_report(torch.zeros(3, dtype=torch.bool), torch.rand(3), truth)
+    features, labels = torch.rand(20, 5), torch.randint(0, 2, (20,))
+    with pytest.raises(ValueError, match="size_threshold"):
+        poisoning.activation_clusters(features, labels, size_threshold=2.0)
+    with pytest.raises(ValueError, match="n_components"):
+        poisoning.activation_clusters(features, labels, n_components=0)
+    lm, tok = tiny_lm
+    with pytest.raises(TypeError, match="model"):
+        poisoning.onion_scores("not a model", tok, ["a b"])
+    with pytest.raises((TypeError, ValueError), match="texts"):
+        poisoning.onion_scores(lm, tok, "a b")
+    with pytest.raises(ValueError, match="batch_size"):
+        poisoning.onion_scores(lm, tok, ["a b"], batch_size=0)
+    with pytest.raises(TypeError, match="scores"):
+        poisoning.onion_filter(["a b"], [], 0.0)
+    with pytest.raises(ValueError, match="scores"):
+        poisoning.onion_filter(["a b"], [np.zeros(3)], 0.0)
+    with pytest.raises((TypeError, ValueError), match="threshold"):
+        poisoning.onion_filter(["a b"], [np.zeros(2)], "high")
+    with pytest.raises((TypeError, ValueError), match="texts"):
+        poisoning.ngram_scan("one text")
+    for name, value in (("max_n", 0), ("follow", 0), ("min_support", 1), ("min_share", 1.5)):
+        with pytest.raises(ValueError, match=name):
+            poisoning.ngram_scan(["a b c d e f"] * 6, **{name: value})
