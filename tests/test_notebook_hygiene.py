@@ -256,6 +256,15 @@ def test_browser_check_helpers():
     assert not cb.is_external("data:image/png;base64,AAAA", "http://127.0.0.1:8000/")
 
 
+
+def test_book_check_finds_unrendered_roles_but_not_tex():
+    from tools import check_book
+
+    assert check_book.unrendered("见 {ref}<span>ex03-scan</span>") != []
+    assert check_book.unrendered("（{cite}<code>x</code>）") != []
+    assert check_book.unrendered(r"<span>\(\pi_\text{ref}\)</span> 与 \mathrm{ref} 与 x_{ref}") == []
+
+
 def test_book_check_finds_remote_assets():
     """tools/check_book.py's text check: what a browser fetches by itself, not what a reader may click."""
     from tools import check_book

@@ -13,8 +13,16 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-UNRENDERED = [r"\{glue:", r"\{glue\}", r"\{cite(:\w+)?\}", r"\{doc\}", r"\{ref\}", r"\{numref\}",
-              r"```\{", r":::\{", r"\{exercise\}", r"\{solution"]
+# A role left unrendered shows as ``{ref}`` before its target; the same letters inside TeX (``\\pi_\\text{ref}``,
+# ``\\mathrm{ref}``, ``_{ref}``) are MathJax source, not a role: a role never follows a letter, ``_`` or ``^``.
+ROLE = r"(?<![A-Za-z_^])"
+UNRENDERED = [r"\{glue:", r"\{glue\}", ROLE + r"\{cite(:\w+)?\}", ROLE + r"\{doc\}", ROLE + r"\{ref\}",
+              ROLE + r"\{numref\}", r"```\{", r":::\{", r"\{exercise\}", r"\{solution"]
+
+
+def unrendered(body: str) -> list[str]:
+    """The patterns of :data:`UNRENDERED` found in a page's text (scripts, code and pre removed)."""
+    return [pattern for pattern in UNRENDERED if re.search(pattern, body)]
 # What a browser fetches by itself: scripts, images, frames, media, stylesheets, icons, preloads, CSS url().
 REMOTE_TAG = re.compile(r"<(script|img|iframe|source|video|audio|embed)\b[^>]*?\bsrc=[\"']((?:https?:)?//[^\"']+)", re.I)
 REMOTE_LINK = re.compile(r"<link\b[^>]*?\bhref=[\"']((?:https?:)?//[^\"']+)[^>]*>", re.I)
@@ -59,9 +67,8 @@ def main(html_dir: str) -> int:
             continue
         text = page.read_text(encoding="utf-8")
         body = re.sub(r"<script.*?</script>|<pre.*?</pre>|<code.*?</code>", "", text, flags=re.S)
-        for pattern in UNRENDERED:
-            if re.search(pattern, body):
-                problems.append(f"{page.relative_to(html)}: unrendered markup matching {pattern!r}")
+        for pattern in unrendered(body):
+            problems.append(f"{page.relative_to(html)}: unrendered markup matching {pattern!r}")
         for url in remote_assets(text):
             problems.append(f"{page.relative_to(html)}: loads {url} from the internet")
         for src in re.findall(r'<img[^>]+src="([^"]+)"', text):
