@@ -132,6 +132,10 @@ PAGE_FACTS = r"""
 const done = arguments[arguments.length - 1];
 (async () => {
   const r = {};
+  // On a loaded machine the script can start before the page is parsed (document.body null): wait up to 20 s.
+  for (let t = 0; !(document.body && document.readyState === 'complete') && t < 200; t++) {
+    await new Promise(res => setTimeout(res, 100));
+  }
   // MathJax loads deferred: give it up to 20 s to start on a page with math, then wait for its typesetting.
   for (let t = 0; document.querySelector('.math') && !(window.MathJax && MathJax.startup &&
        MathJax.startup.promise) && t < 200; t++) {
