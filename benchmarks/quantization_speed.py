@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 
 import torch
@@ -22,18 +21,8 @@ from torch import nn
 import companion
 from companion import quantization as Q
 from companion import zoo
+from companion.runtime import median_seconds
 from companion.train import mixed_batches
-
-
-def median_time(call, repeats=10, warmup=2):
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -59,7 +48,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
 
-        seconds = median_time(step, repeats=8)
+        seconds = median_seconds(step, repeats=8)
         base = base or seconds
         print(f"  {name:<7} {seconds * 1e3:7.1f} ms  ({seconds / base:.2f}x fp32)")
 
@@ -90,10 +79,10 @@ def main() -> None:
     for tokens in (2048, 16):
         x = torch.randn(tokens, 4096)
         with torch.no_grad():
-            fp_s = median_time(lambda: layer(x))
-            print(f"  {tokens:>5} tokens: fp32 {fp_s * 1e3:7.2f} ms; ours int8 _int_mm {median_time(lambda: int8(x)) / fp_s:.2f}x; "
-                  f"ours W4 g128 dequantize + matmul {median_time(lambda: w4(x)) / fp_s:.2f}x; "
-                  f"torch.ao dynamic int8 {median_time(lambda: ao(x)) / fp_s:.2f}x")
+            fp_s = median_seconds(lambda: layer(x))
+            print(f"  {tokens:>5} tokens: fp32 {fp_s * 1e3:7.2f} ms; ours int8 _int_mm {median_seconds(lambda: int8(x)) / fp_s:.2f}x; "
+                  f"ours W4 g128 dequantize + matmul {median_seconds(lambda: w4(x)) / fp_s:.2f}x; "
+                  f"torch.ao dynamic int8 {median_seconds(lambda: ao(x)) / fp_s:.2f}x")
     print(f"  weight bytes: fp32 {4096 * 4096 * 4:,}; int8 {int8.packed.numel() + 2 * int8.scale.numel():,}; "
           f"W4 g128 {sum(b.numel() * b.element_size() for b in w4.buffers()):,}")
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import io
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +45,7 @@ from torch.nn import functional as F
 
 from companion.checks import (check_bool, check_choice, check_float, check_int, check_module, check_tensor,
                               check_token_ids)
+from companion.runtime import median_seconds
 from companion.pruning import block_layers, decoder_blocks, is_prunable, weight_matrix
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_token", "per_group")
@@ -744,14 +744,7 @@ def latency(model: nn.Module, inputs: torch.Tensor, repeats: int = 20, warmup: i
     check_int("warmup", warmup, minimum=0)
     call = (lambda: model(input_ids=inputs)) if inputs.dtype == torch.long else (lambda: model(inputs))
     model.eval()
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
+    return median_seconds(call, repeats=repeats, warmup=warmup)
 
 
 # ---------------------------------------------------------------------------------------------

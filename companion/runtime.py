@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -29,6 +30,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def median_seconds(call, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall-clock seconds of ``call()`` over ``repeats`` timed calls, after ``warmup`` untimed
+    ones (first calls pay for allocation and kernel selection). The median, not the mean, so that one
+    call slowed by another process does not move the figure; it is still machine-dependent."""
+    if not callable(call):
+        raise TypeError(f"call must be a callable taking no arguments, got {type(call).__name__}")
+    repeats = check_int("repeats", repeats, minimum=1)
+    warmup = check_int("warmup", warmup, minimum=0)
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
 
 
 def cache_dir() -> Path:

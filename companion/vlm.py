@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from companion import zoo
+from companion.runtime import median_seconds
 from companion.checks import (check_choice, check_directory, check_int, check_module, check_positive_float,
                               check_tensor, check_texts)
 from companion.runtime import seed_everything
@@ -1071,14 +1072,10 @@ def prefill_latency(model, n_visual_tokens: int, n_text_tokens: int = 10, repeat
     repeats = check_int("repeats", repeats, minimum=1)
     embeds = torch.randn(1, n_visual_tokens + n_text_tokens, model.get_input_embeddings().embedding_dim,
                          generator=torch.Generator().manual_seed(0))
-    times = []
     with torch.no_grad():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            head(language_model(inputs_embeds=embeds).last_hidden_state[:, -1:])
-            if i:
-                times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        return median_seconds(
+            lambda: head(language_model(inputs_embeds=embeds).last_hidden_state[:, -1:]),
+            repeats=repeats, warmup=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,3 +118,17 @@ def test_plots_draw():
     plotting.loss_curve_plot(b, np.linspace(3, 1, 50), smooth=10)
     assert a.get_xscale() == "log" and len(b.lines) == 2
     plt.close(fig)
+
+
+def test_median_seconds_times_the_call_and_counts_warmup():
+    calls = []
+    seconds = runtime.median_seconds(lambda: calls.append(1), repeats=5, warmup=3)
+    assert len(calls) == 8 and 0 <= seconds < 1
+
+
+@pytest.mark.parametrize("kwargs, name", [({"call": 3}, "call"), ({"repeats": 0}, "repeats"),
+                                          ({"warmup": -1}, "warmup"), ({"repeats": 2.5}, "repeats")])
+def test_median_seconds_rejects_bad_arguments(kwargs, name):
+    arguments = {"call": lambda: None, **kwargs}
+    with pytest.raises((TypeError, ValueError), match=name):
+        runtime.median_seconds(**arguments)
