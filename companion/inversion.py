@@ -43,6 +43,7 @@ from companion.checks import (check_bool, check_choice, check_float, check_int, 
                               check_labels, check_module, check_positive_float, check_str, check_tensor,
                               check_texts, check_tokenizer)
 from companion.runtime import seed_everything
+from companion.train import shuffled_epochs
 
 #: The digits are 8 x 8 grey images with pixels in [0, 1], flattened to 64 features.
 IMAGE_SHAPE = (8, 8)
@@ -483,19 +484,8 @@ def train_inverter(api: ProbabilityAPI, x_aux: torch.Tensor, epochs: int = 300, 
         net.shift.copy_(encoded.mean(0))
         net.scale.copy_(encoded.std(0).clamp_min(1e-3))
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    history = []
-    for _ in range(epochs):
-        order = torch.randperm(len(x_aux), generator=generator)
-        total = 0.0
-        for start in range(0, len(x_aux), batch_size):
-            index = order[start: start + batch_size]
-            loss = nn.functional.mse_loss(net(released[index]), x_aux[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(index)
-        history.append(total / len(x_aux))
+    history = shuffled_epochs(lambda index: nn.functional.mse_loss(net(released[index]), x_aux[index]),
+                              optimizer, len(x_aux), epochs, batch_size, seed)
     return net.eval(), history
 
 

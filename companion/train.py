@@ -274,22 +274,41 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
     check_bool("progress", progress)
     from tqdm.auto import tqdm
 
-    generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
+    history = shuffled_epochs(lambda index: nn.functional.cross_entropy(model(x[index]), y[index]),
+                              optimizer, len(x), epochs, batch_size, seed,
+                              tqdm(range(epochs), disable=not progress, desc="train classifier"))
+    model.eval()
+    return history
+
+
+def shuffled_epochs(batch_loss, optimizer: torch.optim.Optimizer, n_examples: int, epochs: int,
+                    batch_size: int, seed: int, epoch_iterator=None) -> list[float]:
+    """The minibatch loop of every small supervised model here: each epoch visits the ``n_examples``
+    in a fresh seeded order, in batches of ``batch_size`` indices; ``batch_loss(index)`` returns the
+    batch's mean loss. Returns the example-weighted mean loss of each epoch. ``epoch_iterator`` (e.g. a
+    progress bar over ``range(epochs)``) replaces the plain range."""
+    if not callable(batch_loss):
+        raise TypeError(f"batch_loss must be a callable of a batch's indices, got {type(batch_loss).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    n_examples = check_int("n_examples", n_examples, minimum=1)
+    epochs = check_int("epochs", epochs, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    generator = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
     history = []
-    for _ in tqdm(range(epochs), disable=not progress, desc="train classifier"):
-        order = torch.randperm(len(x), generator=generator)
+    for _ in (range(epochs) if epoch_iterator is None else epoch_iterator):
+        order = torch.randperm(n_examples, generator=generator)
         total = 0.0
-        for start in range(0, len(x), batch_size):
+        for start in range(0, n_examples, batch_size):
             index = order[start: start + batch_size]
-            loss = nn.functional.cross_entropy(model(x[index]), y[index])
+            loss = batch_loss(index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(index)
-        history.append(total / len(x))
-    model.eval()
+        history.append(total / n_examples)
     return history
 
 

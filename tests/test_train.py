@@ -350,3 +350,34 @@ def test_a_hook_on_unweighted_batches_sees_unit_weights():
     plain = train.train_stacked_models(_toy_model, 2, x, y, schedule, lr=1e-2, vectorized=False)
     assert all(torch.equal(w, torch.ones(8)) for w in seen) and len(seen) == 8
     assert torch.allclose(hooked, plain, atol=1e-5)
+
+
+def test_shuffled_epochs_is_seeded_and_visits_every_example_once_per_epoch():
+    seen = []
+
+    def run(seed):
+        weight = torch.nn.Parameter(torch.zeros(1))
+        targets = torch.arange(10, dtype=torch.float32)
+
+        def batch_loss(index):
+            seen.extend(index.tolist())
+            return ((weight - targets[index]) ** 2).mean()
+
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        return train.shuffled_epochs(batch_loss, optimizer, 10, epochs=3, batch_size=4, seed=seed)
+
+    first = run(0)
+    assert sorted(seen) == sorted(list(range(10)) * 3) and len(first) == 3
+    assert first[-1] < first[0]
+    seen.clear()
+    assert run(0) == first and run(1) != first
+
+
+def test_shuffled_epochs_rejects_bad_arguments():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(TypeError, match="batch_loss"):
+        train.shuffled_epochs(None, optimizer, 10, 1, 4, 0)
+    with pytest.raises(TypeError, match="optimizer"):
+        train.shuffled_epochs(lambda i: i, "adam", 10, 1, 4, 0)
+    with pytest.raises(ValueError, match="n_examples"):
+        train.shuffled_epochs(lambda i: i, optimizer, 0, 1, 4, 0)
