@@ -384,6 +384,13 @@ def python_docs() -> list[Document]:
         from pydoc_data.topics import topics
     except ImportError as error:  # pragma: no cover - present in every standard Python
         raise RuntimeError("python_docs() needs the standard module pydoc_data, which this Python lacks") from error
+    # Importing transformers adds three methods to ``logging.Logger`` (``warning_advice``,
+    # ``warning_once``, ``info_once``; transformers/utils/logging.py), so the "logging" document used to
+    # depend on whether something had imported transformers first: the notebooks (after ``setup``) and
+    # the unit tests read different corpora. The zoo models were trained on the corpus *with* those
+    # docstrings, so we import it first, always: the corpus no longer depends on import order.
+    import transformers.utils.logging  # noqa: F401
+
     docs = [Document(title=f"topic {key}", text=_normalise(topics[key])) for key in sorted(topics)]
     with warnings.catch_warnings():  # reading e.g. typing.io's docstring warns that it is deprecated
         warnings.simplefilter("ignore", DeprecationWarning)

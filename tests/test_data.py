@@ -133,3 +133,19 @@ def test_world_and_person_validate_their_fields():
     world = data.make_world(n_people=6, seed=0)
     with pytest.raises(ValueError, match="biographies must have one entry per person"):
         data.BiographyWorld(world.people, world.biographies[:-1], world.split, world.stated)
+
+
+def test_python_docs_do_not_depend_on_what_was_imported_before():
+    """Issue found in chapter 03: transformers patches logging.Logger on import, and the corpus (so every
+    zoo cache key) differed between a fresh process and one that had run companion.setup()."""
+    import subprocess
+    import sys
+
+    program = ("import sys\n"
+               "if sys.argv[1] == 'setup':\n"
+               "    import companion; companion.setup(seed=0)\n"
+               "from companion import data\n"
+               "print(data.fingerprint([d.text for d in data.python_docs()]))\n")
+    prints = {mode: subprocess.run([sys.executable, "-c", program, mode], capture_output=True, text=True,
+                                   check=True).stdout.strip() for mode in ("plain", "setup")}
+    assert prints["plain"] == prints["setup"] and len(prints["plain"]) == 16
