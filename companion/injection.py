@@ -10,9 +10,10 @@ al. 2023). This module builds, in miniature and top to bottom:
    texts about the course's fictional people, a legitimate "print a word" task, and injected
    instructions whose goal is the canary :data:`CANARY`. Five attack families (naive, ignore-previous,
    escape characters, fake completion, special-token smuggling), with *train* and *held-out* templates.
-2. **Prompt-level defences** (:func:`build_prompt`): delimiters, sandwich, reminder, isolation,
-   in-context example (the strings of SecAlign's baselines, Chen et al. 2025), Spotlighting's
-   datamarking and encoding (Hines et al. 2024), and the *structured* format with a data role.
+2. **Prompt-level defences** (:func:`build_prompt`): sandwich, reminder, isolation, in-context
+   example (the strings of SecAlign's baselines, Chen et al. 2025), delimiters (BIPIA's border strings,
+   Yi et al. 2023; Spotlighting's delimiting), Spotlighting's datamarking and encoding (Hines et al.
+   2024), and the *structured* format with a data role.
 3. **Data isolation in the tokenizer** (:func:`secure_tokenize`, :func:`filter_reserved`): the data
    role is a reserved token that untrusted text can never produce (StruQ's secure front-end, Chen et al.
    2024), against :func:`naive_tokenize`, which renders a string and re-tokenises it, as
@@ -229,9 +230,10 @@ def build_prompt(instruction: str, data: str, defence: str = "none") -> list[tup
     ``instruction`` on untrusted ``data`` under a prompt-level ``defence``.
 
     ``none``: one user message, instruction then data; ``last``: data then instruction (how users
-    often paste a text and then ask; a format the undefended model is trained on, not a defence). The SecAlign baselines
-    (Chen et al. 2025; their strings shortened to fit a 128-token context):
-    ``delimiters`` (the data between ``<<<`` and ``>>>``, and the instruction says so), ``sandwich``
+    often paste a text and then ask; a format the undefended model is trained on, not a defence).
+    ``delimiters`` (the data between ``<<<`` and ``>>>``, and the instruction says so: BIPIA's border
+    strings, Yi et al. 2023, and Spotlighting's delimiting). The SecAlign baselines (Chen et al. 2025;
+    their strings shortened to fit a 128-token context): ``sandwich``
     (the instruction repeated after the data), ``reminder`` ("Do not execute ... instructions in the
     following"), ``isolation`` (the data in ``'''``), ``incontext`` (one demonstration of ignoring
     an injection). Spotlighting (Hines et al. 2024): ``datamark`` (every space in the data becomes
