@@ -383,9 +383,11 @@ class FakeQuantLinear(nn.Module):
         super().__init__()
         if not isinstance(layer, nn.Module) or not is_prunable(layer):
             raise TypeError(f"layer must be an nn.Linear or a GPT-2 Conv1D, got {type(layer).__name__}")
+        self._setup(layer, config, weight_matrix(layer))
+
+    def _setup(self, layer: nn.Module, config: QuantConfig, weight: torch.Tensor) -> None:
         self.config = _check_config(config)
         self.layer = layer
-        weight = weight_matrix(layer)
         self.granularity, self.group_size = _weight_layout(config, weight)
         self.lsq = None
         if config.weight_range == "lsq":
@@ -399,7 +401,10 @@ class FakeQuantLinear(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         """``q_w(W)`` as ``[out, in]`` floats (with the STE, so gradients reach ``W``)."""
-        weight, c = weight_matrix(self.layer), self.config
+        return self._quantize_rows(weight_matrix(self.layer))
+
+    def _quantize_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        c = self.config
         if self.lsq is not None:
             return self.lsq(weight)
         return fake_quantize(weight, c.weight_bits, self.granularity, c.weight_symmetric, self.group_size,
@@ -420,9 +425,44 @@ class FakeQuantLinear(nn.Module):
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.layer.bias)
 
 
+class FakeQuantConv2d(FakeQuantLinear):
+    """A 2-D convolution (``nn.Conv2d``, kept as ``.layer``) fake-quantized the same way: a convolution is a
+    linear map applied to every input patch, so its weight ``[out, in, kh, kw]`` is quantized as the
+    matrix ``[out, in·kh·kw]`` (per output channel, PyTorch's default for quantized convolutions; groups
+    run along the flattened kernel). Dynamic per-token activation ranges become one range per input
+    image. :func:`convert` keeps no integer convolution kernel: it rejects these layers."""
+
+    def __init__(self, layer: nn.Module, config: QuantConfig):
+        if not isinstance(layer, nn.Conv2d):
+            raise TypeError(f"layer must be an nn.Conv2d, got {type(layer).__name__}")
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"layer.padding_mode must be 'zeros', got {layer.padding_mode!r}")
+        nn.Module.__init__(self)
+        self._setup(layer, config, layer.weight.reshape(layer.out_channels, -1))
+
+    def quantized_weight(self) -> torch.Tensor:
+        """``q_w(W)`` as ``[out, in·kh·kw]`` floats (with the STE)."""
+        return self._quantize_rows(self.layer.weight.reshape(self.layer.out_channels, -1))
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.activation_granularity == "per_token" and not self.config.activation_static:
+            return super().quantize_input(x.reshape(x.shape[0], -1)).reshape(x.shape)
+        return super().quantize_input(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.layer
+        return F.conv2d(self.quantize_input(x), self.quantized_weight().reshape(conv.weight.shape), conv.bias,
+                        conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _quantizable(module: nn.Module) -> bool:
+    return is_prunable(module) or isinstance(module, nn.Conv2d)
+
+
 def _target_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """``(parent, attribute, layer)`` for every linear layer to quantize: those inside the decoder blocks
-    of an LM (embeddings and LM head excluded), or every linear layer of a network without blocks."""
+    """``(parent, attribute, layer)`` for every layer to quantize: the linear layers inside the decoder
+    blocks of an LM (embeddings and LM head excluded), or every linear and ``nn.Conv2d`` layer of a
+    network without blocks."""
     try:
         roots = list(decoder_blocks(model))
     except ValueError:
@@ -430,7 +470,7 @@ def _target_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     found = []
     for root in roots:
         for name, layer in (block_layers(root).items() if root is not model else
-                            ((n, m) for n, m in model.named_modules() if is_prunable(m))):
+                            ((n, m) for n, m in model.named_modules() if _quantizable(m))):
             parent_name, _, attribute = name.rpartition(".")
             found.append((root.get_submodule(parent_name) if parent_name else root, attribute, layer))
     return found
@@ -446,11 +486,13 @@ def prepare_qat(model: nn.Module, config: QuantConfig) -> nn.Module:
         raise ValueError("model is already prepared or converted; prepare_qat a fresh copy")
     targets = _target_layers(model)
     if not targets:
-        raise ValueError(f"model has no nn.Linear or Conv1D layer to quantize ({type(model).__name__})")
-    for _, _, layer in targets:
-        _weight_layout(config, weight_matrix(layer))  # every layer's shape fits before anything is swapped
+        raise ValueError(f"model has no nn.Linear, Conv1D or Conv2d layer to quantize ({type(model).__name__})")
+    for _, _, layer in targets:  # every layer's shape fits before anything is swapped
+        _weight_layout(config, layer.weight.reshape(layer.out_channels, -1) if isinstance(layer, nn.Conv2d)
+                       else weight_matrix(layer))
     for parent, attribute, layer in targets:
-        setattr(parent, attribute, FakeQuantLinear(layer, config))
+        fake = FakeQuantConv2d if isinstance(layer, nn.Conv2d) else FakeQuantLinear
+        setattr(parent, attribute, fake(layer, config))
     return model
 
 
@@ -577,6 +619,9 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         if not isinstance(fake, FakeQuantLinear):
             raise TypeError(f"fake must be a FakeQuantLinear, got {type(fake).__name__}")
+        if isinstance(fake, FakeQuantConv2d):
+            raise ValueError("fake is a FakeQuantConv2d: convert stores linear layers only (no integer "
+                             "convolution kernel here); evaluate the fake-quantized model instead")
         c = self.config = fake.config
         with torch.no_grad():
             weight = weight_matrix(fake.layer).detach().float()

@@ -292,3 +292,63 @@ def test_int8_matmul_is_exact_on_any_cpu():
     b = torch.randint(-127, 128, (256, 40), generator=g).to(torch.int8)
     assert torch.equal(Q._int8_matmul(a, b).long(), a.long() @ b.long())
     assert isinstance(Q.int_mm_is_exact(), bool)
+
+
+def _small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1, stride=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+
+
+def test_fake_quant_conv2d_is_a_conv_with_the_quantized_weight_matrix():
+    cnn, x = _small_cnn(), torch.randn(5, 1, 8, 8)
+    config = Q.QuantConfig(4, weight_granularity="per_channel", group_size=None, weight_symmetric=True)
+    prepared = Q.prepare_qat(copy.deepcopy(cnn), config)
+    kinds = [type(m).__name__ for m in Q.fake_quant_layers(prepared).values()]
+    assert kinds == ["FakeQuantConv2d", "FakeQuantConv2d", "FakeQuantLinear"]
+    conv = cnn[2]
+    rows = Q.fake_quantize(conv.weight.reshape(8, -1), 4, "per_channel", True)
+    expected = nn.functional.conv2d(torch.relu(cnn[0](x)), rows.reshape(conv.weight.shape), conv.bias,
+                                    stride=2, padding=1)
+    fake = prepared[2]
+    assert torch.allclose(fake(torch.relu(cnn[0](x))), expected, atol=1e-6)
+    # every output channel of the quantized weight has at most 2^4 distinct values
+    assert max(len(row.unique()) for row in fake.quantized_weight()) <= 16
+    # 8 bits: close to the float network
+    eight = Q.prepare_qat(copy.deepcopy(cnn), Q.QuantConfig(8, weight_granularity="per_channel", group_size=None))
+    assert torch.allclose(eight(x), cnn(x), atol=0.05)
+
+
+def test_fake_quant_conv2d_trains_through_the_ste_and_quantizes_inputs_per_image():
+    cnn = _small_cnn()
+    config = Q.QuantConfig(4, weight_granularity="per_channel", group_size=None, activation_bits=4)
+    prepared = Q.prepare_qat(cnn, config)
+    x = torch.randn(3, 1, 8, 8)
+    x[1] *= 100  # a loud image must not coarsen the grid of the quiet ones
+    conv = prepared[0]
+    quiet = conv.quantize_input(x)[0]
+    assert len(quiet.unique()) > 8 and torch.allclose(quiet, Q.fake_quantize(x[0].reshape(1, -1), 4,
+                                                                            "per_token", False).reshape(quiet.shape))
+    prepared(x).sum().backward()
+    assert conv.layer.weight.grad is not None and conv.layer.weight.grad.abs().sum() > 0
+
+
+def test_static_calibration_and_convert_on_a_cnn():
+    cnn = _small_cnn()
+    config = Q.QuantConfig(8, weight_granularity="per_channel", group_size=None, activation_bits=8,
+                           activation_granularity="per_tensor", activation_static=True)
+    prepared = Q.prepare_qat(cnn, config)
+    ranges = Q.calibrate_ptq(prepared, torch.randn(16, 1, 8, 8))
+    assert set(ranges) == {"0", "2", "5"} and all(lo < hi for lo, hi in ranges.values())
+    with pytest.raises(ValueError, match="FakeQuantConv2d"):
+        Q.convert(prepared)
+
+
+def test_fake_quant_conv2d_rejects_bad_layers():
+    config = Q.QuantConfig(4, weight_granularity="per_channel", group_size=None)
+    with pytest.raises(TypeError, match="layer"):
+        Q.FakeQuantConv2d(nn.Linear(4, 4), config)
+    with pytest.raises(ValueError, match="padding_mode"):
+        Q.FakeQuantConv2d(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), config)
+    with pytest.raises(ValueError, match="group_size"):
+        Q.prepare_qat(_small_cnn(), Q.QuantConfig(4, group_size=5))
