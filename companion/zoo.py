@@ -411,6 +411,9 @@ def build_classifier(recipe: ClassifierRecipe) -> nn.Module:
 register("tiny-llama", LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384, steps=280))
 # A second architecture, so every LM-facing function is tested on GPT-2's Conv1D layers too.
 register("tiny-gpt2", LMRecipe(architecture="gpt2", hidden=64, layers=2, heads=2, intermediate=256, steps=300))
+# Chapter 00's exercise 2 (memorization vs training length): tiny-llama trained half as long.
+register("tiny-llama-140", LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384,
+                                    steps=140))
 register("digits-mlp", ClassifierRecipe())
 
 
