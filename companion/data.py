@@ -319,6 +319,46 @@ def make_world(n_people: int = 3000, fractions: tuple[float, float, float] = (1 
     )
 
 
+def extra_nonmembers(world: BiographyWorld, n: int, seed: int = 0) -> BiographyWorld:
+    """``n`` *more* non-members of ``world``: new people from the same generators (Faker names, cities,
+    jobs and employers; the same attribute lists, templates and number of stated facts), none of whom
+    shares a name with anyone in ``world``, each with one biography. Every person of the result is in
+    the ``"nonmember"`` split, and it has no canaries.
+
+    No model of the course trains on them, so they are extra negatives for membership games: a TPR at
+    0.1% FPR needs about 10,000 of them, more than the world's own third. ``world`` is not changed (nor
+    is anything derived from it: its people, biographies and every cache key stay as they are). The
+    people come from ``make_people`` with the Faker seed ``1_000_003 + 1_000 * world.seed + seed``, a
+    stream that no ``make_world`` seed below 1,000,003 uses, and their biographies from
+    ``random.Random`` seeded with that number plus one.
+    """
+    if not isinstance(world, BiographyWorld):
+        raise TypeError(f"world must be a BiographyWorld, got {type(world).__name__}")
+    n = check_int("n", n, minimum=1, maximum=1_000_000)
+    seed = check_int("seed", seed, minimum=0, maximum=999)
+    facts = {len(attributes) - 1 for attributes in world.stated}
+    if len(facts) != 1:
+        raise ValueError(f"world's biographies must all state the same number of facts, got {sorted(facts)}")
+    stream = 1_000_003 + 1_000 * world.seed + seed
+    taken = {person.name for person in world.people}
+    # the first n people of the stream whose names are new; make_people(m) is a prefix of
+    # make_people(m') for m < m', so the result does not depend on how many candidates we draw
+    candidates = n + n // 20 + 50
+    while True:
+        people = [p for p in make_people(candidates, seed=stream) if p.name not in taken][:n]
+        if len(people) == n:
+            break
+        candidates += len(taken)  # make_people's names are distinct: at most len(taken) collide
+    rng = random.Random(stream + 1)
+    (facts,) = facts
+    rendered = [_render(p, rng, facts) for p in people]
+    return BiographyWorld(
+        people=tuple(people), biographies=tuple(text for text, _ in rendered),
+        split=tuple("nonmember" for _ in people), stated=tuple(attributes for _, attributes in rendered),
+        canaries=(), seed=world.seed,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # 2. Python's documentation: real English on every machine
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Attacks without shadow models:
 
-- on a classifier: LOSS (Yeom et al. 2018), confidence, entropy and modified entropy (Song & Mittal
+- on a classifier: correctness (Yeom et al. 2018's gap attack), LOSS (Yeom et al. 2018), confidence, entropy and modified entropy (Song & Mittal
   2021, Eq. 8);
 - on a language model: LOSS / perplexity, the zlib ratio (Carlini et al. 2021, Sec. 5.2), Min-K%
   (Shi et al. 2024, Eq. 1), Min-K%++ (Zhang et al. 2024, Eq. 2) and reference-model calibration
@@ -69,6 +69,14 @@ def loss_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     _check_classifier_inputs(model, x, y)
     probs = _probabilities(model, x)
     return _at_label(probs, y).clamp_min(1e-30).log()
+
+
+def correctness_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Yeom et al. (2018)'s gap attack: ``1`` when the model classifies ``x`` correctly (guess
+    "member"), else ``0``. Its advantage is the gap between training and test accuracy; with only two
+    score values its ROC has a single operating point."""
+    _check_classifier_inputs(model, x, y)
+    return (_probabilities(model, x).argmax(-1) == y).float()
 
 
 def confidence_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -161,13 +169,15 @@ def min_k_plus_plus_scores(stats: list[dict[str, torch.Tensor]], k: float = 0.2)
 
 
 def zlib_scores(stats: list[dict[str, torch.Tensor]], texts: list[str]) -> torch.Tensor:
-    """The zlib ratio (Carlini et al. 2021): the text's total log-likelihood divided by its zlib-
-    compressed length in bytes, so that texts which are merely repetitive do not look like members."""
+    """The zlib ratio (Carlini et al. 2021, Sec. 5.2): the text's log-perplexity over its zlib entropy,
+    as a score ``mean_t log p(x_t | x_<t) / len(zlib.compress(text))`` (bytes), the form of the Min-K%
+    reference code (``ll / zlib_len`` with ``ll`` minus the mean token loss). Dividing by the
+    compressed length discounts texts that any model finds easy because they are merely repetitive."""
     if isinstance(stats, list) and isinstance(texts, list) and len(stats) != len(texts):
         raise ValueError(f"stats and texts must have the same length, got {len(stats)} and {len(texts)}")
     _check_stats(stats)
     check_texts("texts", texts, nonempty_each=True)
-    return torch.tensor([float(s["log_prob"].sum()) / len(zlib.compress(t.encode("utf-8")))
+    return torch.tensor([float(s["log_prob"].mean()) / len(zlib.compress(t.encode("utf-8")))
                          for s, t in zip(stats, texts)])
 
 

@@ -149,3 +149,41 @@ def test_python_docs_do_not_depend_on_what_was_imported_before():
     prints = {mode: subprocess.run([sys.executable, "-c", program, mode], capture_output=True, text=True,
                                    check=True).stdout.strip() for mode in ("plain", "setup")}
     assert prints["plain"] == prints["setup"] and len(prints["plain"]) == 16
+
+
+def test_extra_nonmembers_are_new_people_from_the_same_generators():
+    world = data.make_world(n_people=30, seed=0)
+    before = (world.people, world.biographies, data.fingerprint(list(world.biographies)))
+    extra = data.extra_nonmembers(world, 40, seed=0)
+    assert (world.people, world.biographies, data.fingerprint(list(world.biographies))) == before
+    assert len(extra.people) == 40 and set(extra.split) == {"nonmember"} and extra.canaries == ()
+    assert not {p.name for p in extra.people} & {p.name for p in world.people}
+    assert len({p.name for p in extra.people}) == 40
+    # the same number of facts per biography, each stated in the text
+    assert {len(s) for s in extra.stated} == {len(world.stated[0])}
+    for person, bio, stated in zip(extra.people, extra.biographies, extra.stated):
+        assert bio.startswith(person.name) and all(str(getattr(person, a)) in bio for a in stated)
+    # deterministic, a prefix of a longer draw, and another seed gives other people
+    again = data.extra_nonmembers(world, 60, seed=0)
+    assert again.biographies[:40] == extra.biographies
+    assert data.extra_nonmembers(world, 40, seed=1).biographies != extra.biographies
+
+
+def test_extra_nonmembers_leave_the_course_world_unchanged():
+    """The default world (every zoo model's data) is byte-identical with or without extra people."""
+    world = data.make_world()
+    expected = data.fingerprint(list(world.biographies))
+    data.extra_nonmembers(world, 5)
+    assert data.fingerprint(list(data.make_world().biographies)) == expected
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: data.extra_nonmembers("world", 3), TypeError, "world must be a BiographyWorld"),
+    (lambda: data.extra_nonmembers(data.make_world(n_people=6), 0), ValueError, "n must be >= 1"),
+    (lambda: data.extra_nonmembers(data.make_world(n_people=6), 2.5), TypeError, "n must be an int"),
+    (lambda: data.extra_nonmembers(data.make_world(n_people=6), 2, seed=-1), ValueError, "seed must be >= 0"),
+    (lambda: data.extra_nonmembers(data.make_world(n_people=6), 2, seed=1000), ValueError, "seed must be <= 999"),
+])
+def test_extra_nonmembers_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

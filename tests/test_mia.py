@@ -36,6 +36,20 @@ def test_classifier_scores_rank_a_fitted_point_above_a_wrong_one():
         assert values[0] > values[1], score.__name__
 
 
+def test_correctness_is_the_gap_attack():
+    model = _fixed_classifier()
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 2, 1])  # correct, wrong, correct
+    assert mia.correctness_scores(model, x, y).tolist() == [1.0, 0.0, 1.0]
+    # its advantage is the accuracy gap between the two groups
+    members = torch.tensor([True, False, True])
+    assert metrics.advantage(members.numpy(), mia.correctness_scores(model, x, y).numpy()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same length"):
+        mia.correctness_scores(model, x, y[:2])
+    with pytest.raises(TypeError, match="model"):
+        mia.correctness_scores("not a model", x, y)
+
+
 def test_min_k_hand_case():
     stats = [{"log_prob": torch.tensor([-1.0, -5.0, -2.0, -4.0, -3.0])}]
     assert mia.min_k_scores(stats, k=0.4).item() == pytest.approx(-4.5)
@@ -64,8 +78,12 @@ def test_min_k_plus_plus_matches_its_formula(tiny_lm):
 def test_zlib_and_reference_scores():
     stats = [{"log_prob": torch.tensor([-1.0, -1.0])}, {"log_prob": torch.tensor([-3.0, -1.0])}]
     texts = ["aaaa", "abcdefgh"]
-    expected = [-2.0 / len(zlib.compress(b"aaaa")), -4.0 / len(zlib.compress(b"abcdefgh"))]
+    # the standard zlib ratio: the *mean* log-likelihood (minus the log-perplexity) over the zlib length
+    expected = [-1.0 / len(zlib.compress(b"aaaa")), -2.0 / len(zlib.compress(b"abcdefgh"))]
     assert mia.zlib_scores(stats, texts).tolist() == pytest.approx(expected)
+    # so it does not depend on the text's length through the sum: twice the tokens, same mean, same score
+    doubled = [{"log_prob": torch.tensor([-1.0] * 4)}]
+    assert mia.zlib_scores(doubled, ["aaaa"]).item() == pytest.approx(expected[0])
     ref = [{"log_prob": torch.tensor([-2.0, -2.0])}, {"log_prob": torch.tensor([-2.0, -2.0])}]
     assert mia.reference_scores(stats, ref).tolist() == pytest.approx([1.0, 0.0])
 

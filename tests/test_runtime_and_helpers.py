@@ -82,6 +82,11 @@ def test_seed_everything_seeds_every_generator():
     (lambda: runtime.device("tpu"), ValueError, "prefer must be one of"),
     (lambda: nbtools.show_source(3), TypeError, "obj must be a function"),
     (lambda: plotting.roc_plot(None, {}), TypeError, "curves must be a non-empty dict"),
+    (lambda: plotting.roc_plot(None, {"a": [0.1]}), TypeError, r"curves\['a'\] must be an \(fpr, tpr\) pair"),
+    (lambda: plotting.roc_plot(None, {"a": ([0, 1], [0])}), ValueError, "same non-zero length"),
+    (lambda: plotting.roc_plot(None, {"a": ([0, 2], [0, 1])}), ValueError, r"in \[0, 1\]"),
+    (lambda: plotting.roc_plot(None, {"a": ([0, 1], [0, 1])}, floor=0), ValueError, "floor must be in"),
+    (lambda: plotting.roc_plot(None, {"a": ([0, 1], [0, 1])}, log="yes"), TypeError, "log must be a bool"),
     (lambda: plotting.loss_curve_plot(None, []), ValueError, "losses must be a non-empty"),
 ])
 def test_bad_inputs(call, error, message):
@@ -132,3 +137,27 @@ def test_median_seconds_rejects_bad_arguments(kwargs, name):
     arguments = {"call": lambda: None, **kwargs}
     with pytest.raises((TypeError, ValueError), match=name):
         runtime.median_seconds(**arguments)
+
+
+def test_roc_plot_draws_no_segment_from_a_clipped_origin():
+    """On log axes the points with FPR or TPR 0 have no position: the curve starts at the first
+    resolvable point, and no drawn point sits at the axis floor (nothing is clipped onto it)."""
+    import matplotlib.pyplot as plt
+
+    fpr = np.array([0.0, 0.0, 0.0, 1e-3, 2e-3, 0.5, 1.0])
+    tpr = np.array([0.0, 0.01, 0.02, 0.02, 0.05, 0.7, 1.0])
+    fig, (a, b) = plt.subplots(1, 2)
+    plotting.roc_plot(a, {"attack": (fpr, tpr)})
+    x, y = a.lines[0].get_data()
+    assert list(x) == [1e-3, 2e-3, 0.5, 1.0] and list(y) == [0.02, 0.05, 0.7, 1.0]
+    assert a.get_xlim()[0] == pytest.approx(1e-4)  # the decade below the smallest drawn rate, at most 1e-4
+    # a curve with a TPR of 0 at positive FPR starts where the TPR becomes positive
+    plotting.roc_plot(b, {"weak": ([0, 1e-5, 1e-2, 1], [0, 0, 3e-5, 1])})
+    x, y = b.lines[0].get_data()
+    assert list(x) == [1e-2, 1] and b.get_xlim()[0] == pytest.approx(1e-5)
+    # linear axes keep every point
+    fig2, c = plt.subplots()
+    plotting.roc_plot(c, {"attack": (fpr, tpr)}, log=False)
+    assert len(c.lines[0].get_xdata()) == len(fpr)
+    plt.close(fig)
+    plt.close(fig2)
