@@ -22,8 +22,9 @@ key/value cache is reused across the whole candidate batch (here with the ``tran
 best suffixes and a mellowmax loss; early stop when greedy decoding would start with the target.
 
 Also here: :func:`universal_gcg` (one suffix for many requests, added progressively as in Zou et al.
-2023, Sec. 2.3), :func:`random_search` (Andriushchenko et al. 2024: random token changes kept only when
-the loss improves, with the same loss and forward-pass budget). A fluency term (``fluency_weight``)
+2023, Sec. 2.3), :func:`random_search` (after Andriushchenko et al. 2024: random token changes kept only
+when the loss improves, with the same loss and an equal budget in forward-pass equivalents) and
+:func:`random_suffix` (random token or character suffixes of the same length: the control). A fluency term (``fluency_weight``)
 turns GCG into the adaptive attack against the perplexity filter. Replies are generated and judged with
 :mod:`companion.generation`; the defences (perplexity filter, SmoothLLM) are in :mod:`companion.defences`.
 """
@@ -32,12 +33,13 @@ from __future__ import annotations
 
 import inspect
 import math
+import string
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from companion.checks import (check_bool, check_float, check_int, check_lm_and_tokenizer,
+from companion.checks import (check_bool, check_choice, check_float, check_int, check_lm_and_tokenizer,
                               check_positive_float, check_tensor, check_token_ids, check_tokenizer)
 
 PLACEHOLDER = "{optim_str}"
@@ -103,8 +105,11 @@ class GCGResult:
     """What an attack returns. ``losses[i]`` / ``strings[i]``: the loss and suffix after step ``i``;
     ``success_step``: the first step whose suffix makes greedy decoding start with the target (every
     prompt's target, for :func:`universal_gcg`), or ``None``; ``forward_passes``: candidate sequences
-    evaluated (the budget unit shared with :func:`random_search`); ``seconds[i]``: wall time up to
-    step ``i``."""
+    evaluated, plus one per gradient pass; ``backward_passes``: gradient (backward) passes;
+    ``budget[i]``: the cost up to step ``i`` in forward-pass equivalents, ``forward_passes +
+    2 * backward_passes`` (a backward pass costs about two forward passes): the unit in which
+    :func:`random_search` gets the same budget as :func:`gcg`; ``seconds[i]``: wall time up to step
+    ``i``."""
 
     best_string: str
     best_ids: list[int]
@@ -113,6 +118,8 @@ class GCGResult:
     strings: list[str] = field(default_factory=list)
     success_step: int | None = None
     forward_passes: int = 0
+    backward_passes: int = 0
+    budget: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     n_prompts: list[int] = field(default_factory=list)
 
@@ -483,6 +490,7 @@ def _run(setup: _Setup, progressive: bool) -> GCGResult:
         candidates = setup.candidates(current, grad, step)
         losses, exact = setup.evaluate(candidates, active)
         result.forward_passes += active * (len(candidates) + 1)
+        result.backward_passes += active
         best = int(losses.argmin())
         if config.buffer_size > 0:
             buffer = sorted(buffer + [(float(losses[best]), candidates[best])], key=lambda item: item[0])
@@ -495,6 +503,7 @@ def _run(setup: _Setup, progressive: bool) -> GCGResult:
             succeeded = bool(exact[best])
         result.losses.append(current_loss)
         result.strings.append(tok.decode(current))
+        result.budget.append(result.forward_passes + 2 * result.backward_passes)
         result.seconds.append(time.perf_counter() - started)
         result.n_prompts.append(active)
         first_success = succeeded and result.success_step is None
@@ -540,14 +549,22 @@ def universal_gcg(model, tokenizer, behaviours: list[tuple], config: GCGConfig |
 
 
 def random_search(model, tokenizer, messages, target: str, config: GCGConfig | None = None,
-                  n_change: int = 2) -> GCGResult:
-    """The random-search attack of Andriushchenko et al. (2024) with GCG's loss and budget.
+                  n_change: int = 2, budget: int | None = None) -> GCGResult:
+    """Random search in the style of Andriushchenko et al. (2024), with GCG's loss.
 
     Each step proposes ``config.search_width`` candidates, each replacing ``n_change`` contiguous
     tokens at a random position by random allowed tokens, and moves only if the best candidate
-    improves the loss. No gradient: the same number of candidate forward passes as :func:`gcg`
-    (which spends one extra forward+backward per step on its gradient)."""
+    improves the loss. No gradient. ``budget`` (forward passes; ``None``: no cap) stops the search
+    once it has spent that many, trimming the last step's candidates so that it never spends more:
+    give it ``gcg(...).budget[-1]`` to compare at an equal cost in forward-pass equivalents.
+
+    Our variant keeps the best of a *batch* of candidates per step (a batch is cheap on one forward
+    pass); Andriushchenko et al. try one candidate at a time and keep it if it is better, with a
+    schedule that shrinks the number of changed tokens: ``search_width=1`` gives their one-at-a-time
+    acceptance rule (with a fixed ``n_change``)."""
     n_change = check_int("n_change", n_change, minimum=1)
+    if budget is not None:
+        budget = check_int("budget", budget, minimum=2)
     setup = _Setup(model, tokenizer, [(messages, target)], config)
     config = setup.config
     tok, allowed_ids = setup.tokenizer, setup.allowed.nonzero().squeeze(1)
@@ -560,12 +577,16 @@ def random_search(model, tokenizer, messages, target: str, config: GCGConfig | N
     n = len(suffix)
     width = min(n_change, n)
     for step in range(config.num_steps):
+        if budget is not None and result.forward_passes >= budget:
+            break
         starts = torch.randint(0, n - width + 1, (config.search_width,), generator=setup.generator)
         picks = allowed_ids[torch.randint(0, len(allowed_ids), (config.search_width, width), generator=setup.generator)]
         positions = starts[:, None] + torch.arange(width)[None]
         candidates = current.repeat(config.search_width, 1).scatter_(1, positions, picks)
         if config.filter_ids:
             candidates = _filter(tok, candidates, setup.filter_before, step)
+        if budget is not None:
+            candidates = candidates[: budget - result.forward_passes]
         losses, exact = setup.evaluate(candidates, 1)
         result.forward_passes += len(candidates)
         best = int(losses.argmin())
@@ -575,9 +596,41 @@ def random_search(model, tokenizer, messages, target: str, config: GCGConfig | N
                 result.success_step = step
         result.losses.append(current_loss)
         result.strings.append(tok.decode(current))
+        result.budget.append(result.forward_passes)
         result.seconds.append(time.perf_counter() - started)
         result.n_prompts.append(1)
         if result.success_step is not None and config.early_stop:
             break
     result.best_loss, result.best_ids, result.best_string = current_loss, current.tolist(), tok.decode(current)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Controls: random suffixes of the same length
+# ---------------------------------------------------------------------------------------------
+
+#: The characters of a random-character control suffix: printable ASCII without line breaks.
+CONTROL_CHARACTERS = string.ascii_letters + string.digits + string.punctuation + " "
+
+
+def random_suffix(tokenizer, length: int, kind: str = "tokens", seed: int = 0, vocab_size: int | None = None) -> str:
+    """A control suffix: what an attack's success must be measured against (an optimised suffix
+    whose "success" a random one of the same length also achieves is not the optimiser's success).
+
+    ``kind="tokens"``: ``length`` tokens drawn uniformly from the tokens a GCG suffix may use
+    (:func:`allowed_token_mask`, over ``vocab_size`` ids, default the tokenizer's), decoded;
+    ``kind="chars"``: ``length`` characters drawn uniformly from :data:`CONTROL_CHARACTERS`. Seeded."""
+    check_tokenizer(tokenizer)
+    length = check_int("length", length, minimum=1)
+    check_choice("kind", kind, ("tokens", "chars"))
+    seed = check_int("seed", seed, minimum=0)
+    vocab_size = len(tokenizer) if vocab_size is None else check_int("vocab_size", vocab_size, minimum=1)
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "chars":
+        picks = torch.randint(0, len(CONTROL_CHARACTERS), (length,), generator=generator)
+        return "".join(CONTROL_CHARACTERS[i] for i in picks.tolist())
+    allowed = allowed_token_mask(tokenizer, vocab_size).nonzero().squeeze(1)
+    if len(allowed) == 0:
+        raise ValueError("the tokenizer has no token a suffix may use (allowed_token_mask is empty)")
+    picks = allowed[torch.randint(0, len(allowed), (length,), generator=generator)]
+    return tokenizer.decode(picks.tolist())

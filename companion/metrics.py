@@ -297,6 +297,28 @@ def rate_interval(successes: int, trials: int, confidence: float = 0.95, method:
     return low, high
 
 
+def rate_difference(successes_a: int, trials_a: int, successes_b: int, trials_b: int,
+                    confidence: float = 0.95) -> tuple[float, float, float]:
+    """The difference of two independent rates, ``k_a/n_a - k_b/n_b``, with its confidence interval
+    ``(difference, low, high)``: Newcombe's hybrid score interval (Newcombe 1998, method 10), built
+    from the two Wilson intervals of :func:`rate_interval`. Use it to report an attack as a *margin*
+    over its control (a random suffix at the same budget), not as a bare rate."""
+    for label in ("a", "b"):
+        k, n = (successes_a, trials_a) if label == "a" else (successes_b, trials_b)
+        check_int(f"successes_{label}", k, minimum=0)
+        check_int(f"trials_{label}", n, minimum=1)
+        if k > n:
+            raise ValueError(f"successes_{label} must be <= trials_{label}, got {k} > {n}")
+    confidence = check_float("confidence", confidence, 0, 1, open_minimum=True, open_maximum=True)
+    low_a, high_a = rate_interval(successes_a, trials_a, confidence)
+    low_b, high_b = rate_interval(successes_b, trials_b, confidence)
+    p_a, p_b = successes_a / trials_a, successes_b / trials_b
+    difference = p_a - p_b
+    low = difference - math.sqrt((p_a - low_a) ** 2 + (high_b - p_b) ** 2)
+    high = difference + math.sqrt((high_a - p_a) ** 2 + (p_b - low_b) ** 2)
+    return difference, max(-1.0, low), min(1.0, high)
+
+
 @dataclass(frozen=True)
 class RateEstimate:
     """A rate observed as ``successes`` of ``trials``, with its ``confidence`` interval ``[low, high]``

@@ -207,7 +207,8 @@ def test_gcg_runs_and_is_deterministic(tiny_lm):
     second = gcg.gcg(model, tok, REQUEST, TARGET, _fast())
     assert first.losses == second.losses and first.best_ids == second.best_ids
     assert len(first.losses) == 3 and first.best_loss <= min(first.losses) + 1e-9
-    assert first.forward_passes == 1 + 3 * (16 + 1)
+    assert first.forward_passes == 1 + 3 * (16 + 1) and first.backward_passes == 3
+    assert first.budget == [1 + i * (16 + 1) + 2 * i for i in (1, 2, 3)]  # a backward counts as two forwards
     initial = gcg.candidate_losses(model, tok, REQUEST, TARGET, torch.tensor([gcg.init_suffix_ids(tok, " the the the the")]))
     assert first.best_loss < initial.item()  # GCG always finds a better single swap on a random model
     assert tok.decode(first.best_ids) == first.best_string
@@ -543,3 +544,34 @@ def test_perturbations_reach_every_position():
         patched = defences.perturb("abcd", 0.25, "patch", random.Random(s))
         starts |= {i for i, (a, b) in enumerate(zip("abcd", patched)) if a != b}
     assert starts == {0, 1, 2, 3}
+
+
+def test_random_search_stops_at_its_budget(tiny_lm):
+    model, tok = tiny_lm
+    config = _fast(num_steps=50, filter_ids=False, early_stop=False)
+    spent = gcg.gcg(model, tok, REQUEST, TARGET, _fast(early_stop=False)).budget[-1]  # 1 + 3 * (17 + 2) = 58
+    result = gcg.random_search(model, tok, REQUEST, TARGET, config, budget=spent)
+    assert result.budget[-1] == result.forward_passes == spent  # the last step is trimmed to fit
+    assert len(result.losses) == math.ceil((spent - 1) / 16) and result.backward_passes == 0
+    one_at_a_time = gcg.random_search(model, tok, REQUEST, TARGET, _fast(num_steps=50, search_width=1,
+                                                                         filter_ids=False), budget=10)
+    assert one_at_a_time.budget == list(range(2, 11))
+    with pytest.raises(ValueError, match="budget"):
+        gcg.random_search(model, tok, REQUEST, TARGET, config, budget=1)
+
+
+@pytest.mark.parametrize("kind", ["tokens", "chars"])
+def test_random_suffix_is_a_seeded_control_of_the_given_length(small_tokenizer, kind):
+    tok = small_tokenizer
+    first, again, other = (gcg.random_suffix(tok, 12, kind, seed=s) for s in (0, 0, 1))
+    assert first == again != other
+    if kind == "chars":
+        assert len(first) == 12 and set(first) <= set(gcg.CONTROL_CHARACTERS)
+    else:
+        allowed = gcg.allowed_token_mask(tok, len(tok))
+        ids = tok(first, add_special_tokens=False)["input_ids"]
+        assert all(allowed[i] for i in ids) and abs(len(ids) - 12) <= 6  # re-tokenised: merges may change it
+    for bad, match in (({"length": 0}, "length"), ({"kind": "words"}, "kind"), ({"seed": -1}, "seed"),
+                       ({"vocab_size": 0}, "vocab_size")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            gcg.random_suffix(tok, **{"length": 4, **bad})

@@ -377,3 +377,23 @@ def test_perplexity_is_exp_of_the_mean_token_loss_over_the_corpus(tiny_lm):
     nll, count = metrics.sequence_nll(model, tok, TEXTS)
     assert metrics.perplexity(model, tok, TEXTS, batch_size=1) == pytest.approx(
         math.exp(nll.sum().item() / count.sum().item()), rel=1e-5)
+
+
+def test_rate_difference_matches_newcombes_worked_examples():
+    # Newcombe (1998), Table II, method 10 (hybrid score): 56/70 - 48/80 and 9/10 - 3/10
+    assert metrics.rate_difference(56, 70, 48, 80) == pytest.approx((0.2, 0.0524, 0.3339), abs=1e-4)
+    assert metrics.rate_difference(9, 10, 3, 10) == pytest.approx((0.6, 0.1705, 0.8090), abs=1e-4)
+    diff, low, high = metrics.rate_difference(0, 10, 0, 20)
+    assert diff == 0 and low < 0 < high
+    (low_a, _), (_, high_b) = metrics.rate_interval(20, 20), metrics.rate_interval(0, 100)
+    assert metrics.rate_difference(20, 20, 0, 100)[1:] == pytest.approx(
+        (1 - math.hypot(1 - low_a, high_b), 1.0), abs=1e-9)
+
+
+@pytest.mark.parametrize("args, match", [((3, 2, 1, 2), "successes_a"), ((1, 2, 1, 0), "trials_b"),
+                                         ((1, 2, -1, 2), "successes_b"), ((1, 2.5, 1, 2), "trials_a")])
+def test_rate_difference_rejects_bad_counts(args, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        metrics.rate_difference(*args)
+    with pytest.raises(ValueError, match="confidence"):
+        metrics.rate_difference(1, 2, 1, 2, confidence=1.0)
