@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from companion.checks import check_bool, check_float, check_fraction, check_int, check_str
+from companion.checks import check_bool, check_float, check_fraction, check_int, check_str, check_texts
 
 # --------------------------------------------------------------------------------------------------
 # 1. The biography world
@@ -452,7 +452,9 @@ def fingerprint(texts: list[str]) -> str:
 def split_documents(docs: list[Document], valid_fraction: float = 0.05, seed: int = 0
                     ) -> tuple[list[Document], list[Document]]:
     """Shuffle documents (seeded) and move them to validation until it holds ``valid_fraction`` of the
-    characters. Whole documents, so no validation sentence is also a training sentence."""
+    characters. Whole documents, so no validation *document* is a training document; but
+    ``pydoc_data.topics`` holds sections and their own sub-sections, so some held-out topics repeat
+    training text (measure it with :func:`overlap_with`)."""
     if not isinstance(docs, list) or not all(isinstance(d, Document) for d in docs):
         raise TypeError("docs must be a list of Document")
     check_fraction("valid_fraction", valid_fraction, open_minimum=True, open_maximum=True)
@@ -471,6 +473,25 @@ def split_documents(docs: list[Document], valid_fraction: float = 0.05, seed: in
     train_docs = [d for i, d in enumerate(docs) if i not in valid]
     valid_docs = [d for i, d in enumerate(docs) if i in valid]
     return train_docs, valid_docs
+
+
+def overlap_with(train_texts: list[str], text: str, n: int = 12) -> float:
+    """Share of the distinct word ``n``-grams of ``text`` that also occur in one of ``train_texts``
+    (0 when ``text`` has fewer than ``n`` words): how much of a held-out text is training text."""
+    check_texts("train_texts", train_texts)
+    check_str("text", text, nonempty=False)
+    n = check_int("n", n, minimum=1)
+
+    def grams(words):
+        return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+    mine = grams(text.split())
+    if not mine:
+        return 0.0
+    seen = set()
+    for other in train_texts:
+        seen |= grams(other.split()) & mine
+    return len(seen) / len(mine)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def setup(seed: int = 0, threads: int | None = None, deterministic: bool = True,
     Args:
         seed: seeds ``random``, NumPy and torch.
         threads: torch's intra-op thread count; default ``$COMPANION_THREADS`` or 2, the reference
-            machine's cores. Outputs were committed with 2.
+            machine's cores. The summary line names the count a run used (each notebook prints it).
         deterministic: turn on ``torch.use_deterministic_algorithms`` (and the cuBLAS workspace
             setting it needs on a GPU).
         plots: apply the course's matplotlib style.

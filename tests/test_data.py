@@ -120,6 +120,9 @@ def test_world_records_which_attributes_each_biography_states():
     (lambda: data.Document("t", None), TypeError, "text must be a str"),
     (lambda: data.split_documents([data.Document("t", "x" * 300)], 0.05), ValueError, "docs must hold at least two"),
     (lambda: data.fingerprint("abc"), TypeError, "texts must be a list of str"),
+    (lambda: data.overlap_with("abc", "a b"), TypeError, "train_texts must be a non-empty list"),
+    (lambda: data.overlap_with(["a"], None), TypeError, "text must be a str"),
+    (lambda: data.overlap_with(["a"], "a", n=0), ValueError, "n must be >= 1"),
 ])
 def test_bad_inputs_issue_11(call, error, message):
     with pytest.raises(error, match=message):
@@ -187,3 +190,14 @@ def test_extra_nonmembers_leave_the_course_world_unchanged():
 def test_extra_nonmembers_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_overlap_with_counts_shared_word_ngrams():
+    train = ["the cat sat on the mat", "a dog ran"]
+    assert data.overlap_with(train, "the cat sat on the mat", n=3) == 1.0
+    assert data.overlap_with(train, "a bird flew over", n=3) == 0.0
+    # 3 trigrams, 2 of them ("the cat sat", "cat sat on") in training
+    assert data.overlap_with(train, "the cat sat on a", n=3) == 2 / 3
+    assert data.overlap_with(train, "too short", n=3) == 0.0
+    # n-grams do not bridge two training texts
+    assert data.overlap_with(train, "the mat a dog", n=3) == 0.0
