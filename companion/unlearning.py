@@ -287,6 +287,16 @@ zoo.register("qa-llama-oracles", QARecipe(without=tuple(FORGET_FRACTIONS)))
 # ---------------------------------------------------------------------------------------------
 
 METHODS = ("ga", "graddiff", "kl", "npo", "simnpo", "rmu")
+#: Controls run through the same loop and budget: ``retain_only`` is plain fine-tuning on the retain set
+#: (no forget term at all), the no-op perturbation every "forgetting" is measured against.
+CONTROLS = ("retain_only",)
+
+# Normalisation. Every loss keeps its forget and retain terms in one unit, so that ``alpha`` means the
+# same trade-off everywhere: per answer token for GA, GradDiff, KL, SimNPO (its length-normalised
+# likelihood) and RMU (as TOFU's and open-unlearning's GA/GradDiff, which use the per-token mean loss);
+# per answer *sequence* for NPO, whose log-likelihood ratio the paper defines on the whole answer. AdamW's
+# update does not change when a loss is multiplied by a constant, so the different unit of NPO does not
+# by itself make its steps larger; what matters is the ratio of its two terms (see :func:`npo_loss`).
 
 
 def as_batch(sequences: list[tuple[list[int], list[int]]], pad_id: int, device=None) -> dict[str, torch.Tensor]:
@@ -342,14 +352,22 @@ def _nll(model, batch, name: str) -> torch.Tensor:
     return -log_p.sum() / n.sum()
 
 
+def _sequence_nll(model, batch, name: str) -> torch.Tensor:
+    """``E[-log pi_theta(y|x)]``: the answer NLL *summed* over each sequence's answer tokens, averaged over
+    sequences (the unit of NPO's log-likelihood ratio)."""
+    log_p, _ = _log_probs(model, batch, name)
+    return -log_p.mean()
+
+
 def nll_loss(model, batch) -> torch.Tensor:
     """The fine-tuning loss: mean negative log-likelihood per answer token (over the batch's tokens)."""
     return _nll(model, batch, "batch")
 
 
 def ga_loss(model, forget) -> torch.Tensor:
-    """Gradient ascent (Jang et al. 2023; TOFU's GA): *minus* the NLL of the forget answers, so minimising
-    it climbs the forget loss. Unbounded below: nothing stops it once the answers are gone."""
+    """Gradient ascent (Jang et al. 2023; TOFU's GA): *minus* the NLL of the forget answers (mean per
+    answer token, ``-sum_t -log p(y_t|x,y<t) / #tokens``), so minimising it climbs the forget loss.
+    Unbounded below: nothing stops it once the answers are gone."""
     return -_nll(model, forget, "forget")
 
 
@@ -381,23 +399,39 @@ def kl_loss(model, reference, forget, retain, alpha: float = 1.0) -> torch.Tenso
     return ga_loss(model, forget) + alpha * kl_retain_loss(model, reference, retain)
 
 
-def npo_loss(model, reference, forget, retain=None, beta: float = 0.1, alpha: float = 1.0) -> torch.Tensor:
+def npo_loss(model, reference, forget, retain=None, beta: float = 0.1, alpha: float = 1.0,
+             retain_norm: str = "sequence") -> torch.Tensor:
     """Negative preference optimisation (Zhang et al. 2024, Eq. 3): DPO with only a losing answer,
 
-    ``L = -(2/beta) E_f[log sigmoid(-beta * (log pi_theta(y|x) - log pi_ref(y|x)))]``
+    ``L_NPO = -(2/beta) E_f[log sigmoid(-beta * log(pi_theta(y|x) / pi_ref(y|x)))]``,  ``beta = 0.1``,
 
-    with sequence-summed log-probabilities. Its gradient is GA's weighted by
-    ``2 * pi_theta^beta / (pi_theta^beta + pi_ref^beta)``, which vanishes once an answer is unlikely:
-    this is why NPO collapses exponentially more slowly than GA. With ``retain`` given, ``+ alpha * NLL_r``
-    (the paper's NPO-RT)."""
+    where ``log pi(y|x)`` is the *sequence* log-likelihood, summed over the answer tokens (the paper's
+    definition; open-unlearning's ``compute_batch_nll`` and the official code sum the same way). Its
+    gradient is GA's on the summed log-likelihood, weighted per sequence by
+    ``2 * pi_theta^beta / (pi_theta^beta + pi_ref^beta)``, which vanishes once an answer is unlikely: why
+    NPO collapses exponentially more slowly than GA. The weight halves when the log ratio reaches
+    ``-ln(3)/beta`` (about -11 nats per answer at ``beta = 0.1``).
+
+    With ``retain`` given, NPO-RT: ``+ alpha * E_r[-log pi_theta(y|x)]``, the retain NLL in the *same*
+    normalisation as the forget term (``retain_norm="sequence"``: summed over each answer's tokens, averaged
+    over sequences). Then at ``pi_theta = pi_ref`` the gradient of NPO-RT is exactly GradDiff's
+    (``-NLL_f + NLL_r``, per-token means) times the mean answer length when the forget and retain batches
+    have as many sequences and as many answer tokens, so the two start from the same AdamW step and differ only by NPO's weights.
+    ``retain_norm="token"`` is open-unlearning's and the official code's choice (Hugging Face's per-token
+    mean ``.loss``): it weighs the retain term about ``1/|y|`` as much as the summed forget term (1/14 for
+    our answers), which is a different trade-off, not the paper's loss."""
     beta = check_positive_float("beta", beta)
     alpha = check_float("alpha", alpha, 0)
+    check_choice("retain_norm", retain_norm, ("sequence", "token"))
     check_causal_lm(reference)
     log_p, _ = _log_probs(model, forget, "forget")
     with torch.no_grad():
         log_ref, _ = _log_probs(reference, forget, "forget")
     loss = -(2 / beta) * F.logsigmoid(-beta * (log_p - log_ref)).mean()
-    return loss if retain is None else loss + alpha * _nll(model, retain, "retain")
+    if retain is None:
+        return loss
+    retain_nll = _sequence_nll if retain_norm == "sequence" else _nll
+    return loss + alpha * retain_nll(model, retain, "retain")
 
 
 def simnpo_loss(model, forget, retain=None, beta: float = 4.5, gamma: float = 0.0, alpha: float = 1.0
@@ -459,14 +493,18 @@ def rmu_loss(model, reference, forget, retain, control: torch.Tensor, layer: int
 # 4. The unlearning loop
 # ---------------------------------------------------------------------------------------------
 
-#: forward and backward passes of the trained model, and forward passes of the frozen reference, per step
-PASSES = {"ga": (1, 0), "graddiff": (2, 0), "kl": (2, 1), "npo": (2, 1), "simnpo": (2, 0), "rmu": (2, 1)}
+#: per step, in units of ``batch_size`` sequences: forward+backward passes of the trained model, and forward
+#: passes of the frozen reference. Equal budgets: a method with one term (GA, the retain-only control) draws
+#: ``2 * batch_size`` sequences of its one set, so that every method trains on as many sequences per step.
+PASSES = {"ga": (2, 0), "graddiff": (2, 0), "kl": (2, 1), "npo": (2, 1), "simnpo": (2, 0), "rmu": (2, 1),
+          "retain_only": (2, 0)}
 
 
 @dataclass
 class UnlearnLog:
     """What :func:`unlearn` did: the loss of every step, the evaluations it was asked for (``evals``:
-    ``step -> dict``), and the passes it spent (trained-model forward+backward, reference forwards)."""
+    ``step -> dict``), and the budget it spent in *sequences* (trained-model forward+backward, reference
+    forwards; :data:`PASSES`)."""
 
     method: str
     losses: list
@@ -491,19 +529,22 @@ def _check_sequences(name: str, sequences) -> list:
 def unlearn(model, forget, retain, method: str = "ga", steps: int = 100, lr: float = 1e-4, batch_size: int = 16,
             reference=None, alpha: float = 1.0, beta: float | None = None, gamma: float = 0.0,
             layer: int | None = None, steer: float = 4.0, seed: int = 0, evaluate=None, eval_every: int = 0,
-            pad_id: int = 0):
+            pad_id: int = 0, retain_norm: str = "sequence"):
     """Unlearn ``forget`` from ``model`` in place with ``method`` for ``steps`` AdamW steps (constant ``lr``,
     gradient clipping at 1); return ``(model, UnlearnLog)``.
 
     ``forget`` and ``retain`` are lists of ``(input_ids, labels)`` pairs (:func:`qa_sequences`); they must
-    not overlap. Each step draws ``batch_size`` of each (seeded). ``reference`` is the frozen model before
+    not overlap. Each step draws ``batch_size`` of each (seeded); GA, which reads only ``forget``, and the
+    control ``"retain_only"`` (:data:`CONTROLS`: plain fine-tuning on ``retain``) draw ``2 * batch_size``
+    of their one set, so that every method spends the same forward and backward passes (:data:`PASSES`). ``reference`` is the frozen model before
     unlearning (a deep copy is made if ``None`` and the method needs one). ``beta`` defaults to 0.1 for
     NPO and 4.5 for SimNPO; RMU steers block ``layer`` (default: the middle one) towards a random unit
     vector scaled to ``steer`` times the frozen model's mean activation norm on the forget answers.
+    ``retain_norm`` is NPO's retain-term normalisation (:func:`npo_loss`; other methods ignore it).
     ``evaluate(model) -> dict``, if given, runs before the first step and every ``eval_every`` steps.
     """
     check_causal_lm(model)
-    check_choice("method", method, METHODS)
+    check_choice("method", method, METHODS + CONTROLS)
     forget, retain = _check_sequences("forget", forget), _check_sequences("retain", retain)
     overlap = {tuple(ids) for ids, _ in forget} & {tuple(ids) for ids, _ in retain}
     if overlap:
@@ -514,6 +555,7 @@ def unlearn(model, forget, retain, method: str = "ga", steps: int = 100, lr: flo
     alpha = check_float("alpha", alpha, 0)
     beta = {"npo": 0.1, "simnpo": 4.5}.get(method, 1.0) if beta is None else check_positive_float("beta", beta)
     gamma = check_float("gamma", gamma, 0)
+    check_choice("retain_norm", retain_norm, ("sequence", "token"))
     steer = check_positive_float("steer", steer)
     seed = check_int("seed", seed, minimum=0)
     eval_every = check_int("eval_every", eval_every, minimum=0)
@@ -546,17 +588,23 @@ def unlearn(model, forget, retain, method: str = "ga", steps: int = 100, lr: flo
                 evals[step] = evaluate(model)
         if step == steps:
             break
-        f = as_batch(generator.sample(forget, min(batch_size, len(forget))), pad_id, device)
-        r = as_batch(generator.sample(retain, min(batch_size, len(retain))), pad_id, device)
+        if method in ("ga", "retain_only"):  # one term: twice the sequences of its one set
+            pool = forget if method == "ga" else retain
+            f = r = as_batch(generator.sample(pool, min(2 * batch_size, len(pool))), pad_id, device)
+        else:
+            f = as_batch(generator.sample(forget, min(batch_size, len(forget))), pad_id, device)
+            r = as_batch(generator.sample(retain, min(batch_size, len(retain))), pad_id, device)
         model.train()
         if method == "ga":
             loss = ga_loss(model, f)
+        elif method == "retain_only":
+            loss = nll_loss(model, r)
         elif method == "graddiff":
             loss = graddiff_loss(model, f, r, alpha)
         elif method == "kl":
             loss = kl_loss(model, reference, f, r, alpha)
         elif method == "npo":
-            loss = npo_loss(model, reference, f, r, beta, alpha)
+            loss = npo_loss(model, reference, f, r, beta, alpha, retain_norm)
         elif method == "simnpo":
             loss = simnpo_loss(model, f, r, beta, gamma, alpha)
         else:
@@ -568,7 +616,8 @@ def unlearn(model, forget, retain, method: str = "ga", steps: int = 100, lr: flo
         losses.append(loss.item())
     model.eval()
     n_passes, n_ref = PASSES[method]
-    return model, UnlearnLog(method=method, losses=losses, evals=evals, passes=(n_passes * steps, n_ref * steps),
+    return model, UnlearnLog(method=method, losses=losses, evals=evals,
+                             passes=(n_passes * batch_size * steps, n_ref * batch_size * steps),
                              seconds=time.perf_counter() - started)
 
 
@@ -736,6 +785,51 @@ def privleak(auc: float, oracle_auc: float) -> float:
     return (oracle_auc - auc) / (1 - oracle_auc)
 
 
+def _pairwise_wins(members, others) -> "np.ndarray":
+    """``W[i, j] = 1`` if member ``i`` outscores non-member ``j``, ``1/2`` on a tie: AUC = mean of W."""
+    import numpy as np
+
+    m = np.asarray(members, dtype=np.float64)[:, None]
+    o = np.asarray(others, dtype=np.float64)[None, :]
+    return (m > o) + 0.5 * (m == o)
+
+
+def privleak_interval(report: dict, oracle_report: dict, score: str = "min_k_plus_plus", n_boot: int = 2000,
+                      confidence: float = 0.95, seed: int = 0) -> dict:
+    """Percentile bootstrap intervals of the membership AUC and of MUSE's PrivLeak (:func:`privleak`).
+
+    ``report`` and ``oracle_report`` come from :func:`evaluate_unlearning` on the *same* forget and holdout
+    facts; each resample draws forget and holdout facts with replacement and scores both models on the
+    same draw (a paired bootstrap), so the interval reflects which facts happened to be in the sets, not
+    the training run (one seed: seed-to-seed spread is not in it). Returns
+    ``{"auc": (lo, hi), "oracle_auc": (lo, hi), "privleak": (lo, hi)}``."""
+    import numpy as np
+
+    for name, r in (("report", report), ("oracle_report", oracle_report)):
+        if not isinstance(r, dict) or "mia_scores" not in r:
+            raise TypeError(f"{name} must be a report of evaluate_unlearning (with 'mia_scores'), got "
+                            f"{type(r).__name__}")
+    check_choice("score", score, tuple(report["mia_scores"]))
+    n_boot = check_int("n_boot", n_boot, minimum=100)
+    confidence = check_float("confidence", confidence, 0, 1, open_minimum=True, open_maximum=True)
+    seed = check_int("seed", seed, minimum=0)
+    wins = [_pairwise_wins(*r["mia_scores"][score]) for r in (report, oracle_report)]
+    if wins[0].shape != wins[1].shape:
+        raise ValueError(f"report and oracle_report must score the same facts, got {wins[0].shape} and "
+                         f"{wins[1].shape} forget x holdout facts")
+    n_m, n_o = wins[0].shape
+    rng = np.random.default_rng(seed)
+    # multinomial counts of each fact in each resample: AUC_b = c_m^T W c_o / (n_m n_o)
+    c_m = rng.multinomial(n_m, np.full(n_m, 1 / n_m), size=n_boot).astype(np.float64)
+    c_o = rng.multinomial(n_o, np.full(n_o, 1 / n_o), size=n_boot).astype(np.float64)
+    aucs = [np.einsum("bi,ij,bj->b", c_m, w, c_o) / (n_m * n_o) for w in wins]
+    usable = aucs[1] < 1  # PrivLeak divides by 1 - oracle AUC
+    leaks = (aucs[1][usable] - aucs[0][usable]) / (1 - aucs[1][usable])
+    tail = 100 * (1 - confidence) / 2
+    interval = lambda x: tuple(float(v) for v in np.percentile(x, [tail, 100 - tail]))  # noqa: E731
+    return {"auc": interval(aucs[0]), "oracle_auc": interval(aucs[1]), "privleak": interval(leaks)}
+
+
 def general_perplexity(model, tokenizer, texts: list[str]) -> float:
     """Perplexity on general text (the documentation's held-out split), within the trained context
     (:func:`companion.metrics.perplexity`)."""
@@ -774,7 +868,8 @@ def evaluate_unlearning(model, tokenizer, facts: dict, oracle=None, texts: list[
       the report this function returned for it on the same ``facts``, to save recomputing it),
       ``forget_quality`` (KS p-value against the oracle's ratios);
     - ``mia_auc``: per membership score, the AUC of telling forget facts (trained on) from holdout facts
-      (never seen); with ``oracle``, ``privleak`` per score (MUSE);
+      (never seen), and ``mia_scores`` (the forget and holdout scores it came from, for
+      :func:`privleak_interval`); with ``oracle``, ``privleak`` per score (MUSE);
     - ``ppl``: general-text perplexity on ``texts`` if given.
     """
     from companion.metrics import auc
@@ -797,6 +892,7 @@ def evaluate_unlearning(model, tokenizer, facts: dict, oracle=None, texts: list[
     others = membership_scores(model, tokenizer, facts["holdout"])
     labels = [1] * len(facts["forget"]) + [0] * len(facts["holdout"])
     report["mia_auc"] = {name: auc(labels, torch.cat([members[name], others[name]])) for name in members}
+    report["mia_scores"] = {name: (members[name], others[name]) for name in members}
     if oracle is not None:
         oracle_report = evaluate_unlearning(oracle, tokenizer, {s: facts[s] for s in ("forget", "retain", "holdout")},
                                             None, None, k) if not isinstance(oracle, dict) else oracle

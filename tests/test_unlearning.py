@@ -100,6 +100,33 @@ def test_npo_reduces_to_its_formula(tiny_lm, qa):
     assert float(cos) > 0.999
 
 
+def test_npo_retain_term_has_the_forget_terms_normalisation(tiny_lm, qa):
+    model, tok = tiny_lm
+    # forget and retain: one answer each, of the same number of tokens (same attribute, names of one length)
+    facts = [f for f in qa.facts_of(qa.people) if f.attribute == "pet"]
+    lengths = {}
+    for f in facts:
+        lengths.setdefault(len(U.encode_qa(tok, f.question(), f.answer())[0])
+                           - len(U.encode_qa(tok, f.question(), "x")[0]), []).append(f)
+    same = next(group for group in lengths.values() if len(group) >= 2)
+    f, r = _batch(tok, same[:1]), _batch(tok, same[1:2])
+    log_r, n_r = U.sequence_log_probs(model, r)
+    assert int(n_r[0]) == int(U.sequence_log_probs(model, f)[1][0])
+    at_ref = U.npo_loss(model, model, f, r, beta=0.1)
+    assert float(at_ref) == pytest.approx(2 / 0.1 * math.log(2) - float(log_r[0]), abs=1e-4)  # summed NLL
+    token = U.npo_loss(model, model, f, r, beta=0.1, retain_norm="token")  # open-unlearning's variant
+    assert float(token) == pytest.approx(2 / 0.1 * math.log(2) + float(U.nll_loss(model, r)), abs=1e-4)
+    # at pi_theta = pi_ref, NPO-RT's gradient is GradDiff's times the answer length: the same AdamW step
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])  # noqa: E731
+    g_npo, g_gd = flat(U.npo_loss(model, model, f, r, beta=0.1)), flat(U.graddiff_loss(model, f, r))
+    assert torch.allclose(g_npo, int(n_r[0]) * g_gd, rtol=1e-3, atol=1e-6)
+    g_tok = flat(U.npo_loss(model, model, f, r, beta=0.1, retain_norm="token"))
+    assert float(F.cosine_similarity(g_tok, g_gd, 0)) < 0.999  # the per-token variant tilts towards forgetting
+    with pytest.raises(ValueError, match="retain_norm"):
+        U.npo_loss(model, model, f, r, retain_norm="batch")
+
+
 def test_simnpo_formula(tiny_lm, qa):
     model, tok = tiny_lm
     f = _batch(tok, qa.facts_of(qa.people[:1]))
@@ -139,7 +166,7 @@ def test_rmu_terms(tiny_lm, qa):
 # --- the loop -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", U.METHODS)
+@pytest.mark.parametrize("method", U.METHODS + U.CONTROLS)
 def test_unlearn_runs_every_method_and_logs_passes(tiny_lm, qa, method):
     model, tok = tiny_lm
     model = copy.deepcopy(model)
@@ -149,7 +176,24 @@ def test_unlearn_runs_every_method_and_logs_passes(tiny_lm, qa, method):
                        evaluate=lambda m: {"ok": 1}, eval_every=2, pad_id=tok.pad_token_id)
     assert len(log.losses) == 3 and all(math.isfinite(x) for x in log.losses)
     assert sorted(log.evals) == [0, 2, 3]
-    assert log.passes == (U.PASSES[method][0] * 3, U.PASSES[method][1] * 3)
+    assert log.passes == (U.PASSES[method][0] * 4 * 3, U.PASSES[method][1] * 4 * 3)
+    assert log.passes[0] == 2 * 4 * 3  # equal budgets: every method trains on 2 x batch_size per step
+
+
+def test_one_term_methods_draw_twice_the_batch(tiny_lm, qa, monkeypatch):
+    model, tok = tiny_lm
+    forget = U.qa_sequences(tok, qa.facts_of(qa.forget_people("forget10")), phrasings=(0,))
+    retain = U.qa_sequences(tok, qa.facts_of(qa.retain_people("forget10")[:4]), phrasings=(0,))
+    seen = []
+    real = U.nll_loss
+    monkeypatch.setattr(U, "nll_loss", lambda m, b: seen.append(len(b["input_ids"])) or real(m, b))
+    U.unlearn(copy.deepcopy(model), forget, retain, "retain_only", steps=2, lr=1e-3, batch_size=4,
+              pad_id=tok.pad_token_id)
+    assert seen == [8, 8]
+    before = copy.deepcopy(model)
+    U.unlearn(model := copy.deepcopy(model), forget, retain, "retain_only", steps=2, lr=1e-3, batch_size=4,
+              pad_id=tok.pad_token_id)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
 
 
 def test_gradient_ascent_raises_the_forget_loss(tiny_lm, qa):
@@ -195,6 +239,28 @@ def test_truth_ratios_and_membership_scores_on_both_architectures(tiny_lm, qa):
     report = U.evaluate_unlearning(model, tok, {"forget": facts, "retain": qa.facts_of(qa.people[5:6]),
                                                 "holdout": qa.facts_of(qa.holdout[:2])}, oracle=model)
     assert report["forget_quality"] == pytest.approx(1.0) and report["privleak"]["loss"] == pytest.approx(0.0)
+
+
+def test_privleak_interval_is_paired_and_covers_the_estimate(tiny_lm, qa):
+    model, tok = tiny_lm
+    splits = {"forget": qa.facts_of(qa.people[:4]), "retain": qa.facts_of(qa.people[5:6]),
+              "holdout": qa.facts_of(qa.holdout[:4])}
+    report = U.evaluate_unlearning(model, tok, splits)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.get_input_embeddings().weight.add_(0.05 * torch.randn_like(other.get_input_embeddings().weight))
+    oracle = U.evaluate_unlearning(other, tok, splits)
+    same = U.privleak_interval(report, report, "loss", n_boot=200)
+    assert same["privleak"] == (0.0, 0.0)  # the same model on the same draw: no leak difference at all
+    box = U.privleak_interval(report, oracle, "loss", n_boot=500)
+    lo, hi = box["auc"]
+    assert lo <= report["mia_auc"]["loss"] <= hi and box["privleak"][0] <= box["privleak"][1]
+    with pytest.raises(TypeError, match="oracle_report"):
+        U.privleak_interval(report, {"mia_auc": {}})
+    with pytest.raises(ValueError, match="score"):
+        U.privleak_interval(report, oracle, "zlib")
+    with pytest.raises(ValueError, match="n_boot"):
+        U.privleak_interval(report, oracle, n_boot=5)
 
 
 def test_answer_judges(qa):
