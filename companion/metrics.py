@@ -303,8 +303,7 @@ def rate_difference(successes_a: int, trials_a: int, successes_b: int, trials_b:
     ``(difference, low, high)``: Newcombe's hybrid score interval (Newcombe 1998, method 10), built
     from the two Wilson intervals of :func:`rate_interval`. Use it to report an attack as a *margin*
     over its control (a random suffix at the same budget), not as a bare rate."""
-    for label in ("a", "b"):
-        k, n = (successes_a, trials_a) if label == "a" else (successes_b, trials_b)
+    for label, k, n in (("a", successes_a, trials_a), ("b", successes_b, trials_b)):
         check_int(f"successes_{label}", k, minimum=0)
         check_int(f"trials_{label}", n, minimum=1)
         if k > n:

@@ -374,6 +374,14 @@ def _weight_layout(config: QuantConfig, weight: torch.Tensor) -> tuple[str, int 
     return granularity, group
 
 
+def _weight_rows(layer: nn.Module) -> torch.Tensor:
+    """The weight that gets quantized, as a matrix ``[out, in]``: the linear layer's (transposed view
+    for ``Conv1D``), or a convolution's ``[out, in, kh, kw]`` kernel flattened to ``[out, in·kh·kw]``."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.weight.reshape(layer.out_channels, -1)
+    return weight_matrix(layer)
+
+
 class FakeQuantLinear(nn.Module):
     """A linear layer (``nn.Linear`` or GPT-2 ``Conv1D``, kept as ``.layer``) whose weight and, optionally,
     input are fake-quantized in every forward pass: ``y = q_a(x) q_w(W)^T + b``. The float weight is
@@ -383,11 +391,12 @@ class FakeQuantLinear(nn.Module):
         super().__init__()
         if not isinstance(layer, nn.Module) or not is_prunable(layer):
             raise TypeError(f"layer must be an nn.Linear or a GPT-2 Conv1D, got {type(layer).__name__}")
-        self._setup(layer, config, weight_matrix(layer))
+        self._setup(layer, config)
 
-    def _setup(self, layer: nn.Module, config: QuantConfig, weight: torch.Tensor) -> None:
+    def _setup(self, layer: nn.Module, config: QuantConfig) -> None:
         self.config = _check_config(config)
         self.layer = layer
+        weight = _weight_rows(layer)
         self.granularity, self.group_size = _weight_layout(config, weight)
         self.lsq = None
         if config.weight_range == "lsq":
@@ -400,11 +409,8 @@ class FakeQuantLinear(nn.Module):
         self.observing = False
 
     def quantized_weight(self) -> torch.Tensor:
-        """``q_w(W)`` as ``[out, in]`` floats (with the STE, so gradients reach ``W``)."""
-        return self._quantize_rows(weight_matrix(self.layer))
-
-    def _quantize_rows(self, weight: torch.Tensor) -> torch.Tensor:
-        c = self.config
+        """``q_w(W)`` as ``[out, in]`` floats (:func:`_weight_rows`; with the STE, so gradients reach ``W``)."""
+        weight, c = _weight_rows(self.layer), self.config
         if self.lsq is not None:
             return self.lsq(weight)
         return fake_quantize(weight, c.weight_bits, self.granularity, c.weight_symmetric, self.group_size,
@@ -438,11 +444,7 @@ class FakeQuantConv2d(FakeQuantLinear):
         if layer.padding_mode != "zeros":
             raise ValueError(f"layer.padding_mode must be 'zeros', got {layer.padding_mode!r}")
         nn.Module.__init__(self)
-        self._setup(layer, config, layer.weight.reshape(layer.out_channels, -1))
-
-    def quantized_weight(self) -> torch.Tensor:
-        """``q_w(W)`` as ``[out, in·kh·kw]`` floats (with the STE)."""
-        return self._quantize_rows(self.layer.weight.reshape(self.layer.out_channels, -1))
+        self._setup(layer, config)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.activation_granularity == "per_token" and not self.config.activation_static:
@@ -488,8 +490,7 @@ def prepare_qat(model: nn.Module, config: QuantConfig) -> nn.Module:
     if not targets:
         raise ValueError(f"model has no nn.Linear, Conv1D or Conv2d layer to quantize ({type(model).__name__})")
     for _, _, layer in targets:  # every layer's shape fits before anything is swapped
-        _weight_layout(config, layer.weight.reshape(layer.out_channels, -1) if isinstance(layer, nn.Conv2d)
-                       else weight_matrix(layer))
+        _weight_layout(config, _weight_rows(layer))
     for parent, attribute, layer in targets:
         fake = FakeQuantConv2d if isinstance(layer, nn.Conv2d) else FakeQuantLinear
         setattr(parent, attribute, fake(layer, config))

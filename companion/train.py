@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from companion.checks import (check_bool, check_classifier_data, check_float, check_int, check_module,
-                              check_positive_float, check_tensor, eager)
+                              check_positive_float, check_str, check_tensor, eager)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,23 +272,20 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
     check_float("weight_decay", weight_decay, 0)
     seed = check_int("seed", seed, minimum=0)
     check_bool("progress", progress)
-    from tqdm.auto import tqdm
-
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
     history = shuffled_epochs(lambda index: nn.functional.cross_entropy(model(x[index]), y[index]),
-                              optimizer, len(x), epochs, batch_size, seed,
-                              tqdm(range(epochs), disable=not progress, desc="train classifier"))
+                              optimizer, len(x), epochs, batch_size, seed, progress, "train classifier")
     model.eval()
     return history
 
 
 def shuffled_epochs(batch_loss, optimizer: torch.optim.Optimizer, n_examples: int, epochs: int,
-                    batch_size: int, seed: int, epoch_iterator=None) -> list[float]:
+                    batch_size: int, seed: int, progress: bool = False, desc: str = "train") -> list[float]:
     """The minibatch loop of every small supervised model here: each epoch visits the ``n_examples``
     in a fresh seeded order, in batches of ``batch_size`` indices; ``batch_loss(index)`` returns the
-    batch's mean loss. Returns the example-weighted mean loss of each epoch. ``epoch_iterator`` (e.g. a
-    progress bar over ``range(epochs)``) replaces the plain range."""
+    batch's mean loss. Returns the example-weighted mean loss of each epoch. ``progress`` shows a bar
+    over the epochs, labelled ``desc``."""
     if not callable(batch_loss):
         raise TypeError(f"batch_loss must be a callable of a batch's indices, got {type(batch_loss).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -297,8 +294,12 @@ def shuffled_epochs(batch_loss, optimizer: torch.optim.Optimizer, n_examples: in
     epochs = check_int("epochs", epochs, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     generator = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
+    check_bool("progress", progress)
+    check_str("desc", desc)
+    from tqdm.auto import tqdm
+
     history = []
-    for _ in (range(epochs) if epoch_iterator is None else epoch_iterator):
+    for _ in tqdm(range(epochs), disable=not progress, desc=desc):
         order = torch.randperm(n_examples, generator=generator)
         total = 0.0
         for start in range(0, n_examples, batch_size):
