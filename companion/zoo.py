@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,7 +37,7 @@ from torch import nn
 from companion import data
 from companion.checks import (check_bool, check_choice, check_directory, check_float, check_int, check_lm_and_tokenizer, check_module,
                               check_positive_float, check_str)
-from companion.runtime import cache_dir, seed_everything
+from companion.runtime import REFERENCE_THREADS, cache_dir, seed_everything
 from companion.tokenizer import load_tokenizer, train_tokenizer
 from companion.train import mixed_batches, pack_sequences, stream_windows, train_causal_lm, train_classifier
 
@@ -158,9 +159,42 @@ def _key(kind: str, recipe, fingerprints: list[str]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+@contextmanager
+def _build_lock(folder: Path):
+    """Hold an exclusive lock on ``folder``'s entry while it is built, so that two processes (a notebook
+    and a test run, two helpers) that miss the cache at once train it once, not twice side by side on the
+    same cores. ``fcntl`` is POSIX (Linux, macOS, Colab); elsewhere the lock is a no-op and ``_cached``'s
+    rename still keeps one of two identical builds."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(folder.with_name(f"{folder.name}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _reference_threads():
+    """Train with :data:`~companion.runtime.REFERENCE_THREADS` intra-op threads whatever the session
+    uses (``COMPANION_THREADS=1`` in a helper, 8 on a laptop): the float sums of training depend on the
+    thread count, so a cache entry trained with another count holds other weights under the same key."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(REFERENCE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _cached(folder: Path, build, read):
-    """Read ``folder``; if absent or unreadable, ``build`` into a temporary folder, move it in place,
-    and read it back. A corrupt entry is rebuilt with a warning."""
+    """Read ``folder``; if absent or unreadable, ``build`` into a temporary folder (under a lock, with the
+    reference thread count), move it in place, and read it back. A corrupt entry is rebuilt with a
+    warning; a process that waited for another's build reads that build."""
     if folder.exists():
         try:
             return read(folder)
@@ -168,14 +202,18 @@ def _cached(folder: Path, build, read):
             warnings.warn(f"cache entry {folder.name} is unreadable ({type(error).__name__}: {error}); "
                           "rebuilding it", stacklevel=3)
             shutil.rmtree(folder, ignore_errors=True)
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process finished the same entry first: keep theirs
+    with _build_lock(folder):
+        if folder.exists():  # built by another process while this one waited for the lock
+            return read(folder)
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with _reference_threads():
+            build(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished the same entry first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
     return read(folder)
 
 

@@ -253,3 +253,40 @@ def test_chat_recipe_fine_tunes_its_base_and_is_keyed_by_it(monkeypatch):
         chat_data.ChatRecipe(batch_size=20)
     with pytest.raises(TypeError, match="recipe must be None or a ChatRecipe"):
         chat_data.guarded_chat_data(zoo.ClassifierRecipe())
+
+
+def test_training_uses_the_reference_thread_count_whatever_the_session_uses(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPANION_CACHE", str(tmp_path))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        card = zoo.load("test-digits").card
+        assert card["threads"] == zoo.REFERENCE_THREADS
+        assert torch.get_num_threads() == 1  # the session's own count is restored
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_build_is_done_once_when_two_loads_miss_the_cache_together(tmp_path):
+    import threading
+    import time
+
+    folder = tmp_path / "entry"
+    builds, results = [], []
+
+    def build(tmp):
+        builds.append(tmp)
+        time.sleep(0.3)  # long enough for the second caller to arrive while the first builds
+        (tmp / "value.txt").write_text("built")
+
+    def read(path):
+        return (path / "value.txt").read_text()
+
+    callers = [threading.Thread(target=lambda: results.append(zoo._cached(folder, build, read)))
+               for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert results == ["built", "built"]
+    assert len(builds) == 1
