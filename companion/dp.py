@@ -9,7 +9,9 @@ auditing checks). DP-SGD (Abadi et al. 2016, Algorithm 1) makes one optimiser st
 1. **sampling** each training example independently with probability ``q`` (Poisson sampling);
 2. **clipping** each example's gradient to norm ``C``: ``g_i * min(1, C / ||g_i||)``;
 3. **adding noise** to the sum: ``sum_i clip(g_i) + N(0, sigma^2 C^2 I)``, divided by the expected
-   batch size ``q n``.
+   batch size ``q n`` (Opacus's ``expected_batch_size = int(q n)``), not by the random number of
+   examples the Poisson draw picked: that count depends on who is in the data, and dividing by it
+   would leak it.
 
 The optimiser then only ever sees the noisy gradient, so anything it does with it (momentum, Adam)
 is post-processing and keeps the guarantee. We use Adam, as the course's non-private recipes do: on
@@ -396,7 +398,9 @@ class PrivacyUtilityPoint:
     half; the LiRA figures pool ``n_shadow`` leave-one-out games (each shadow model in turn is the
     target, scored against the other ``n_shadow - 1``), so they rest on ``n_negatives`` non-members.
     ``summaries`` holds each LiRA variant's :func:`companion.metrics.summary` (counts and intervals),
-    ``lira`` the same numbers flat; ``members`` and ``scores`` (per variant) the pooled games, for ROC curves."""
+    ``lira`` the same numbers flat; ``members`` and ``scores`` (per variant) the pooled games, for ROC curves,
+    and ``examples`` the digit each pooled row scores: the games share their digits, so an interval
+    resamples digits (:func:`companion.metrics.bootstrap_summary` with ``groups=examples``), not rows."""
 
     setting: Setting
     report: PrivacyReport
@@ -409,6 +413,7 @@ class PrivacyUtilityPoint:
     members: np.ndarray | None = None
     scores: dict[str, np.ndarray] | None = None
     summaries: dict | None = None
+    examples: np.ndarray | None = None
 
     def row(self) -> dict[str, float | str]:
         """A flat summary, e.g. for ``pandas.DataFrame([p.row() for p in points])``."""
@@ -486,4 +491,5 @@ def privacy_utility_experiment(setting: Setting, n_shadow: int = 32, seed: int =
         setting=setting, report=report, test_accuracy=_accuracy(target, splits.x_test, splits.y_test),
         train_accuracy=_accuracy(target, splits.x_train, splits.y_train), lira=lira_table,
         target_lira_auc=metrics.auc(target_members, target_scores.numpy()), n_negatives=int((~members).sum()),
-        seconds=time.perf_counter() - started, members=members, scores=scores, summaries=summaries)
+        seconds=time.perf_counter() - started, members=members, scores=scores, summaries=summaries,
+        examples=pooled["online"].examples.numpy())

@@ -8,6 +8,7 @@ same thing on every page.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -459,3 +460,158 @@ def summary(labels, scores, fprs=(0.01, 0.001), confidence: float = 0.95, method
                                      false_positives, negatives, float(thresholds[best]),
                                      math.ceil(NEGATIVES_PER_FPR / fpr - 1e-9)))
     return Summary(auc(labels, scores), advantage(labels, scores), positives, negatives, tuple(points))
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals for pooled, correlated membership games: a bootstrap over examples
+# ---------------------------------------------------------------------------------------------
+
+#: Replicates are drawn this many at a time (the draws depend on it, so it is fixed).
+_BOOTSTRAP_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class BootstrapEstimate:
+    """A statistic on the data as given (``estimate``) and its ``confidence`` percentile-bootstrap
+    interval ``[low, high]``; ``samples`` holds the statistic of every replicate. ``pairing`` names the
+    resampling (seed, number of replicates, a fingerprint of the groups): two estimates with the same
+    ``pairing`` were computed on the same resampled examples, so their replicate differences form a
+    paired bootstrap (:func:`paired_difference`)."""
+
+    estimate: float
+    low: float
+    high: float
+    samples: np.ndarray
+    confidence: float
+    pairing: tuple
+
+    def __str__(self) -> str:
+        return f"{self.estimate:.4g} ({self.confidence:.0%} bootstrap CI {self.low:.4g}–{self.high:.4g})"
+
+
+@dataclass(frozen=True)
+class BootstrapSummary:
+    """What :func:`bootstrap_summary` measured: the AUC and, per requested FPR, the TPR of
+    :func:`tpr_at_fpr`, each a :class:`BootstrapEstimate`; ``groups`` resampled units (examples),
+    ``n_resamples`` replicates."""
+
+    auc: BootstrapEstimate
+    points: tuple[tuple[float, BootstrapEstimate], ...]
+    groups: int
+    n_resamples: int
+
+    def at(self, fpr: float) -> BootstrapEstimate:
+        """The TPR estimate at target FPR ``fpr`` (one of those the summary was computed for)."""
+        for target, estimate in self.points:
+            if target == fpr:
+                return estimate
+        raise ValueError(f"fpr must be one of the summary's FPRs {tuple(t for t, _ in self.points)}, got {fpr!r}")
+
+
+def _weighted_curves(sorted_labels: np.ndarray, last_of_run: np.ndarray, weights: np.ndarray, fprs):
+    """AUC and TPR at each FPR of ``[R, rows]`` weighted copies of one sorted problem (rows sorted by
+    decreasing score; ``last_of_run`` the last row of each run of equal scores). Weighted counts
+    replace counts; the rest is :func:`roc_curve`, :func:`auc` and :func:`tpr_at_fpr` row by row.
+    Replicates without a positive or a negative give NaN."""
+    positive = np.cumsum(weights * sorted_labels, axis=1)[:, last_of_run]
+    negative = np.cumsum(weights * (1 - sorted_labels), axis=1)[:, last_of_run]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = positive / positive[:, -1:]
+        fpr = negative / negative[:, -1:]
+    zeros = np.zeros((len(weights), 1))
+    tpr, fpr = np.hstack([zeros, tpr]), np.hstack([zeros, fpr])
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz
+    areas = trapezoid(tpr, fpr, axis=1)
+    rows = np.arange(len(weights))
+    # both rates rise along the curve: the highest TPR with FPR <= f is the TPR at the last such point
+    at = [tpr[rows, (fpr <= f).sum(1) - 1] for f in fprs]
+    bad = (positive[:, -1] == 0) | (negative[:, -1] == 0)
+    areas[bad] = np.nan
+    for values in at:
+        values[bad] = np.nan
+    return areas, at
+
+
+def bootstrap_summary(labels, scores, groups=None, fprs=(0.01, 0.001), n_resamples: int = 1000,
+                      confidence: float = 0.95, seed: int = 0) -> BootstrapSummary:
+    """Percentile-bootstrap intervals (Efron & Tibshirani 1993, ch. 13) of an attack's AUC and of its
+    TPR at each FPR in ``fprs``, resampling ``groups`` (e.g. the example each row scores), not rows.
+
+    Why groups: pooled membership games (:func:`companion.mia.pooled_leave_one_out`) score the *same*
+    examples in every game, so their rows are not independent trials: an example that is easy to
+    recognise is recognised in every game it is a member of. A Wilson interval of the pooled count
+    treats each row as a fresh coin and is too narrow. Here each replicate draws as many groups as
+    there are, uniformly with replacement, and carries *all* rows of each drawn group (a group drawn
+    twice counts twice); the ROC is recomputed on the replicate, so the threshold of each operating
+    point is re-chosen, and the statistic is that of :func:`summary` (:func:`tpr_at_fpr`'s rule, ties
+    crossing together). ``groups=None`` makes every row its own group (the ordinary bootstrap).
+
+    Deterministic: ``numpy.random.default_rng(seed)`` draws the replicates. Two calls with the same
+    ``seed``, ``n_resamples`` and set of group labels resample the same groups, so the differences of
+    their replicates are a paired bootstrap of the difference (:func:`paired_difference`). Replicates
+    that draw no positive or no negative are left out of the interval (they happen only with very few
+    groups; more than 10% of them is an error). It does not measure what retraining would change (another seed, other shadow models).
+    """
+    fprs = _check_fprs(fprs)
+    labels, scores = _check_binary_problem(labels, scores)
+    if groups is None:
+        group_ids = np.arange(len(labels))
+    else:
+        group_ids = _as_1d_array("groups", groups)
+        if len(group_ids) != len(labels):
+            raise ValueError(f"groups must have one entry per score ({len(labels)}), got {len(group_ids)}")
+        if group_ids.dtype.kind not in "biu":
+            raise TypeError(f"groups must hold integer labels (e.g. example indices), got dtype {group_ids.dtype}")
+    n_resamples = check_int("n_resamples", n_resamples, minimum=100)
+    confidence = check_float("confidence", confidence, 0, 1, open_minimum=True, open_maximum=True)
+    seed = check_int("seed", seed, minimum=0)
+    unique, inverse = np.unique(group_ids, return_inverse=True)
+    n_groups = len(unique)
+    if n_groups < 2:
+        raise ValueError(f"groups must hold at least 2 distinct labels to resample, got {n_groups}")
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_labels, sorted_groups = labels[order].astype(np.float64), inverse[order]
+    last_of_run = np.r_[np.nonzero(np.diff(scores[order]))[0], len(scores) - 1]
+
+    full_auc, full_at = _weighted_curves(sorted_labels, last_of_run, np.ones((1, len(scores))), fprs)
+    rng = np.random.default_rng(seed)
+    auc_samples, at_samples = [], [[] for _ in fprs]
+    for start in range(0, n_resamples, _BOOTSTRAP_CHUNK):
+        draws = rng.integers(0, n_groups, size=(min(_BOOTSTRAP_CHUNK, n_resamples - start), n_groups))
+        counts = np.stack([np.bincount(d, minlength=n_groups) for d in draws]).astype(np.float64)
+        areas, at = _weighted_curves(sorted_labels, last_of_run, counts[:, sorted_groups], fprs)
+        auc_samples.append(areas)
+        for kept, values in zip(at_samples, at):
+            kept.append(values)
+    pairing = (seed, n_resamples, zlib.crc32(unique.astype(np.int64).tobytes()))
+    tail = (1 - confidence) / 2
+
+    def estimate(full: float, parts: list) -> BootstrapEstimate:
+        samples = np.concatenate(parts)
+        valid = samples[np.isfinite(samples)]
+        if len(valid) < 0.9 * n_resamples:
+            raise ValueError(f"groups: too few replicates hold both classes ({len(valid)} of {n_resamples}); "
+                             "resample more groups")
+        low, high = np.quantile(valid, [tail, 1 - tail])
+        return BootstrapEstimate(float(full), float(low), float(high), samples, confidence, pairing)
+
+    return BootstrapSummary(estimate(full_auc[0], auc_samples),
+                            tuple((f, estimate(v[0], s)) for f, v, s in zip(fprs, full_at, at_samples)),
+                            n_groups, n_resamples)
+
+
+def paired_difference(a: BootstrapEstimate, b: BootstrapEstimate) -> BootstrapEstimate:
+    """``a - b`` with the percentile interval of the replicate differences: a paired bootstrap, valid
+    when both were computed on the same resampled examples (the same ``pairing``: same seed, number of
+    replicates and groups in :func:`bootstrap_summary`). An interval that excludes 0 separates them."""
+    for name, value in (("a", a), ("b", b)):
+        if not isinstance(value, BootstrapEstimate):
+            raise TypeError(f"{name} must be a BootstrapEstimate (from bootstrap_summary), got {type(value).__name__}")
+    if a.pairing != b.pairing or a.confidence != b.confidence:
+        raise ValueError("a and b must come from the same resampling (seed, n_resamples, groups and confidence), "
+                         f"got pairings {a.pairing[:2]} and {b.pairing[:2]}")
+    samples = a.samples - b.samples
+    valid = samples[np.isfinite(samples)]
+    tail = (1 - a.confidence) / 2
+    low, high = np.quantile(valid, [tail, 1 - tail])
+    return BootstrapEstimate(a.estimate - b.estimate, float(low), float(high), samples, a.confidence, a.pairing)

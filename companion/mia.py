@@ -324,21 +324,34 @@ def _normal_logpdf(value, mean, std):
     return -0.5 * ((value - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)
 
 
+#: What ``lira_scores(..., fixed_variance=...)`` accepts besides ``False`` (per-example variances).
+FIXED_VARIANCES = (True, "median", "global")
+
+
 def lira_scores(shadow: ShadowSignals, target_logits: torch.Tensor, online: bool = True,
-                fixed_variance: bool = False) -> torch.Tensor:
+                fixed_variance: bool | str = False) -> torch.Tensor:
     """The Likelihood Ratio Attack (Carlini et al. 2022, Algorithm 1).
 
     For each example, fit Gaussians to the shadow models' scaled confidences when the example was IN
-    their training set and when it was OUT, and score the target model's confidence ``phi``:
-    online ``log N(phi; mu_in, s_in^2) - log N(phi; mu_out, s_out^2)``; offline (OUT models only)
-    the one-sided ``log Pr[Z < phi]``, ``Z ~ N(mu_out, s_out^2)``. ``fixed_variance`` replaces the
-    per-example standard deviations by their median over examples (better with few shadow models).
+    their training set and when it was OUT (per-example means), and score the target model's
+    confidence ``phi``: online ``log N(phi; mu_in, s_in^2) - log N(phi; mu_out, s_out^2)``; offline
+    (OUT models only) the one-sided ``log Pr[Z < phi]``, ``Z ~ N(mu_out, s_out^2)``.
+
+    ``fixed_variance`` (better with few shadow models) shares one standard deviation across examples:
+    ``True`` or ``"median"``, the median over examples of the per-example standard deviations (this
+    course's default, one per distribution); ``"global"``, the reference code's ``fix_variance``
+    (``research/mi_lira_2021/plot.py``): the standard deviation of *all* examples' IN values pooled
+    (OUT values offline), around their grand mean, so it includes the spread between examples, used
+    for both Gaussians. (The reference code also centres each Gaussian on the median, not the mean,
+    of the example's values.)
     """
     if not isinstance(shadow, ShadowSignals):
         raise TypeError(f"shadow must be a ShadowSignals, got {type(shadow).__name__}")
     check_tensor("target_logits", target_logits, kind="float", finite=True)
     check_bool("online", online)
-    check_bool("fixed_variance", fixed_variance)
+    if fixed_variance is not False and not any(type(fixed_variance) is type(c) and fixed_variance == c
+                                               for c in FIXED_VARIANCES):
+        raise ValueError(f"fixed_variance must be False, True, 'median' or 'global', got {fixed_variance!r}")
     if target_logits.shape != shadow.logits.shape[1:]:
         raise ValueError(f"target_logits must have shape {list(shadow.logits.shape[1:])}, got {list(target_logits.shape)}")
     phi = shadow.scaled_confidence()
@@ -351,12 +364,18 @@ def lira_scores(shadow: ShadowSignals, target_logits: torch.Tensor, online: bool
                          f"{'fixed' if fixed_variance else 'per-example'} variance; got as few as "
                          f"{int(n_in.min())} IN and {int(n_out.min())} OUT")
 
+    # the reference code's global spread: all IN values online (for both Gaussians), OUT values offline
+    pooled = phi[shadow.keep] if online else phi[~shadow.keep]
+    global_std = max(float(pooled.double().std(correction=0)), 1e-6)
+
     def moments(mask):
         count = mask.sum(0).clamp_min(1)
         mean = (phi * mask).sum(0) / count
         var = (((phi - mean) ** 2) * mask).sum(0) / (count - 1).clamp_min(1)
         std = var.sqrt().clamp_min(1e-6)
-        if fixed_variance:
+        if fixed_variance == "global":
+            std = torch.full_like(std, global_std)
+        elif fixed_variance:
             std = torch.full_like(std, float(std.median()))
         return mean, std
 
@@ -368,14 +387,17 @@ def lira_scores(shadow: ShadowSignals, target_logits: torch.Tensor, online: bool
 
 
 def rmia_scores(reference: ShadowSignals, target_logits: torch.Tensor, population: torch.Tensor,
-                gamma: float = 1.0, offline_a: float | None = None) -> torch.Tensor:
+                gamma: float = 1.0, offline_a: float | None = None, proportiontocut: float = 0.0) -> torch.Tensor:
     """RMIA (Zarifzadeh et al. 2024, Eq. 5-6): the fraction of population examples ``z`` that ``x``
     dominates in the pairwise likelihood ratio ``[p(x|target) / p(x)] / [p(z|target) / p(z)] > gamma``.
 
     ``p(.)`` is the true-class probability averaged over reference models. ``population`` holds the
     indices (into the N examples) of known non-members used as ``z``. Online, ``p(x)`` averages all
-    reference models; offline (``offline_a`` given) only those where ``x`` was OUT, corrected by
-    ``p(x) = ((1 + a) p_out(x) + (1 - a)) / 2`` as in the paper's offline variant.
+    reference models: a plain mean by default, or with ``proportiontocut > 0`` the trimmed mean that
+    leaves out that share of the models at each end (``scipy.stats.trim_mean``; the authors' experiment
+    configuration, ``research/2023_rmia`` in Privacy Meter, uses 0.2). Offline (``offline_a`` given)
+    only the models where ``x`` was OUT, corrected by ``p(x) = ((1 + a) p_out(x) + (1 - a)) / 2`` as in
+    the paper's offline variant (plain mean only).
     """
     if not isinstance(reference, ShadowSignals):
         raise TypeError(f"reference must be a ShadowSignals, got {type(reference).__name__}")
@@ -391,10 +413,14 @@ def rmia_scores(reference: ShadowSignals, target_logits: torch.Tensor, populatio
                          f"got values in [{int(population.min())}, {int(population.max())}]")
     if offline_a is not None:
         offline_a = check_float("offline_a", offline_a, 0, 1)
+    proportiontocut = check_float("proportiontocut", proportiontocut, 0, 0.5, open_maximum=True)
+    if offline_a is not None and proportiontocut > 0:
+        raise ValueError(f"proportiontocut applies to online RMIA only (offline_a=None), got {proportiontocut}")
     probs = reference.true_class_probs()
     p_target = _at_label(torch.softmax(target_logits.float(), -1), reference.labels)
     if offline_a is None:
-        p_marginal = probs.mean(0)
+        cut = int(proportiontocut * len(probs))  # scipy.stats.trim_mean's count at each end
+        p_marginal = probs.mean(0) if cut == 0 else probs.sort(0).values[cut:len(probs) - cut].mean(0)
     else:
         out = ~reference.keep
         if (out.sum(0) == 0).any():
@@ -441,11 +467,15 @@ def shokri_attack(shadow: ShadowSignals, target_logits: torch.Tensor, seed: int 
 
 @dataclass(frozen=True)
 class Pooled:
-    """An attack's scores pooled over several targets, and whether each scored example was a member
-    of its target's training set (unpacks as ``scores, members = pooled[name]``)."""
+    """An attack's scores pooled over several targets, whether each scored example was a member of its
+    target's training set, and (``examples``) which of the N examples each row scores (unpacks as
+    ``scores, members = pooled[name]``). The games score the same examples over and over, so the rows
+    are not independent: resample ``examples``, not rows, for an interval
+    (:func:`companion.metrics.bootstrap_summary` with ``groups=examples``)."""
 
     scores: torch.Tensor
     members: torch.Tensor
+    examples: torch.Tensor | None = None
 
     def __post_init__(self):
         check_tensor("scores", self.scores, ndim=1)
@@ -453,6 +483,11 @@ class Pooled:
         if len(self.scores) != len(self.members):
             raise ValueError(f"scores and members must have the same length, got {len(self.scores)} and "
                              f"{len(self.members)}")
+        if self.examples is not None:
+            check_tensor("examples", self.examples, ndim=1, kind="int")
+            if len(self.examples) != len(self.scores):
+                raise ValueError(f"examples must have one entry per score ({len(self.scores)}), "
+                                 f"got {len(self.examples)}")
 
     def __iter__(self):
         return iter((self.scores, self.members))
@@ -501,7 +536,8 @@ def pooled_leave_one_out(signals: ShadowSignals, attacks, targets=(), n_leave_on
     ``n_population > 0``, each game draws that many of its target's non-members (a
     ``torch.randperm`` of them from ``torch.Generator().manual_seed(seed)``, game after game) as RMIA's
     population, and leaves them out of the pooled scores; with ``0``, ``population`` is ``None`` and
-    every example is scored. Returns ``{name: Pooled(scores, members)}`` concatenated game by game.
+    every example is scored. Returns ``{name: Pooled(scores, members, examples)}`` concatenated game by
+    game; ``examples`` is the index (in ``0 .. N - 1``) of the example each row scores.
     """
     targets, n_leave_one_out, n_population = _check_pooling(signals, attacks, targets, n_leave_one_out,
                                                              n_population, seed)
@@ -512,6 +548,7 @@ def pooled_leave_one_out(signals: ShadowSignals, attacks, targets=(), n_leave_on
         rest = ShadowSignals(signals.logits[others], signals.keep[others], signals.labels)
         games.append((rest, signals.logits[t], signals.keep[t]))
     pooled = {}
+    index = torch.arange(signals.keep.shape[1])  # the example each row scores
     for shadow, logits, members in games:
         evaluated = torch.ones(len(members), dtype=torch.bool)
         population = None
@@ -526,8 +563,8 @@ def pooled_leave_one_out(signals: ShadowSignals, attacks, targets=(), n_leave_on
             check_tensor(f"attacks(...)[{name!r}]", values, ndim=1)
             if len(values) != len(members):
                 raise ValueError(f"attacks(...)[{name!r}] must score all {len(members)} examples, got {len(values)}")
-            pooled.setdefault(name, []).append((values[evaluated], members[evaluated]))
-    return {name: Pooled(torch.cat([s for s, _ in parts]), torch.cat([m for _, m in parts]))
+            pooled.setdefault(name, []).append((values[evaluated], members[evaluated], index[evaluated]))
+    return {name: Pooled(*(torch.cat([part[i] for part in parts]) for i in range(3)))
             for name, parts in pooled.items()}
 
 

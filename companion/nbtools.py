@@ -125,11 +125,16 @@ class Rate(Approx):
     the compared value: a re-run must reproduce it within ``tol`` successes (default:
     :func:`sampling_tolerance`). ``digits``: show the three percentages with that many significant
     digits (for low rates over many trials, e.g. a false-positive rate of 9/11283), only for
-    ``trials >= 1000``; by default one decimal from 100 trials on, none below."""
+    ``trials >= 1000``; by default one decimal from 100 trials on, none below.
 
-    __slots__ = ("trials", "digits")
+    ``interval``: a ``(low, high)`` pair (rates in [0, 1]) that replaces the Wilson interval, e.g. a
+    bootstrap interval (:func:`companion.metrics.bootstrap_summary`) when the trials are not
+    independent; shown as ``95% bootstrap CI``, and its two ends are compared too, each within
+    ``tol / trials``."""
 
-    def __init__(self, successes, trials, tol=None, digits=None):
+    __slots__ = ("trials", "digits", "interval")
+
+    def __init__(self, successes, trials, tol=None, digits=None, interval=None):
         from companion.checks import check_int
 
         successes = check_int("successes", successes.item() if hasattr(successes, "item") else successes, minimum=0)
@@ -142,27 +147,49 @@ class Rate(Approx):
                 raise ValueError(f"digits is for rates over >= 1000 trials (more digits than a smaller count "
                                  f"supports), got trials={self.trials}")
         self.digits = digits
+        if interval is not None:
+            if isinstance(interval, (str, bytes)) or not isinstance(interval, Sequence) or len(interval) != 2:
+                raise TypeError(f"interval must be a (low, high) pair of rates, got {type(interval).__name__}")
+            low, high = (_check_number(v) for v in interval)
+            if not 0 <= low <= high <= 1:
+                raise ValueError(f"interval must satisfy 0 <= low <= high <= 1, got ({low}, {high})")
+            interval = (low, high)
+        self.interval = interval
         super().__init__(successes, sampling_tolerance(self.trials) if tol is None else tol)
+
+    @property
+    def interval_tol(self) -> float:
+        """The tolerance of each end of ``interval``: the count's tolerance as a rate."""
+        return self.tol / self.trials
 
     def __format__(self, spec: str) -> str:
         from companion.metrics import rate_interval
 
         k, n = int(self.value), self.trials
-        low, high = rate_interval(k, n)
+        low, high = rate_interval(k, n) if self.interval is None else self.interval
+        label = "95% CI" if self.interval is None else "95% bootstrap CI"
         if self.digits is not None:
             p, lo, hi = (_significant_percent(x, self.digits) for x in (k / n, low, high))
-            return f"{k}/{n} ({p}, 95% CI {lo}–{hi})"
+            return f"{k}/{n} ({p}, {label} {lo}–{hi})"
         percent = ".1%" if n >= 100 else ".0%"  # no more digits than the count supports
-        return f"{k}/{n} ({k / n:{percent}}, 95% CI {low:{percent}}–{high:{percent}})"
+        return f"{k}/{n} ({k / n:{percent}}, {label} {low:{percent}}–{high:{percent}})"
+
+    def recorded(self) -> tuple[list[float], list[float]]:
+        """The compared values and their tolerances: the count, then the interval's ends if given."""
+        if self.interval is None:
+            return [self.value], [self.tol]
+        return [self.value, *self.interval], [self.tol, self.interval_tol, self.interval_tol]
 
 
-def rate(successes, trials, tol=None, digits=None) -> Rate:
+def rate(successes, trials, tol=None, digits=None, interval=None) -> Rate:
     """A rate as a count with its 95% Wilson interval, for :func:`say` and :func:`glue`:
     ``say("ASR {}", rate(5, 6))`` shows ``ASR 5/6 (83%, 95% CI 44%–97%)``. ``tol`` is in successes;
     by default the binomial sampling spread of ``trials`` (:func:`sampling_tolerance`). ``digits``
     (only for ``trials >= 1000``): significant digits of the percentages, so that a low FPR keeps its
-    information: ``rate(9, 11283, digits=3)`` shows ``9/11283 (0.0798%, 95% CI 0.0420%–0.151%)``."""
-    return Rate(successes, trials, tol, digits)
+    information: ``rate(9, 11283, digits=3)`` shows ``9/11283 (0.0798%, 95% CI 0.0420%–0.151%)``.
+    ``interval``: a ``(low, high)`` to show instead of Wilson's, labelled ``95% bootstrap CI`` (for
+    pooled trials that are not independent, :func:`companion.metrics.bootstrap_summary`)."""
+    return Rate(successes, trials, tol, digits, interval)
 
 
 def approx(value, tol) -> Approx:
@@ -195,9 +222,11 @@ class _Recorder(string.Formatter):
 
     def format_field(self, value, format_spec):
         if isinstance(value, Approx):
-            self.values.append(value.value)
-            self.tols.append(value.tol)
-            return _placeholder(len(self.values) - 1, value, format_spec)
+            index = len(self.values)
+            values, tols = value.recorded() if isinstance(value, Rate) else ([value.value], [value.tol])
+            self.values.extend(values)
+            self.tols.extend(tols)
+            return _placeholder(index, value, format_spec)
         if isinstance(value, Varies):
             self.values.append(None)
             self.tols.append(VARIES)
@@ -209,7 +238,7 @@ def _placeholder(index: int, value: Approx, format_spec: str) -> str:
     """The compared stand-in of a tolerant value: its position, its format spec, and what else about it
     must not change (a rate's number of trials; whether an int is shown as an int)."""
     if isinstance(value, Rate):
-        detail = f"rate/{value.trials}"
+        detail = f"rate/{value.trials}" + ("/bootstrap" if value.interval is not None else "")
     else:
         detail = format_spec + ("|int" if isinstance(value.shown, numbers.Integral) else "")
     return PLACEHOLDER.format(f"{index}:{detail}" if detail else index)
@@ -292,8 +321,9 @@ def table(rows: Mapping, columns: Mapping, index: str = "") -> None:
     widths = [max(len(index), *(len(r) for r in cells))]
     for j, (name, (_, tol)) in enumerate(specs.items()):
         if tol == RATES:  # the widest text a count of these trials can have: never the value's own
-            exact = [len(format(Rate(0, v.trials, 0), "")) + 4 if v.digits is None
-                     else len(f"{v.trials}/{v.trials} (, 95% CI –)") + 3 * (v.digits + 7)
+            exact = [(len(format(Rate(0, v.trials, 0), "")) + 4 if v.digits is None
+                      else len(f"{v.trials}/{v.trials} (, 95% CI –)") + 3 * (v.digits + 7))
+                     + (len(" bootstrap") + 3 if v.interval is not None else 0)
                      for v in (vals[j] for vals in cells.values())]
         else:
             exact = [len(s[j]) for s in shown.values()] if tol == 0 else [7]
@@ -353,7 +383,8 @@ class _PaddedRate(Rate):
     __slots__ = ("width",)
 
     def __init__(self, rate_value: Rate, width: int):
-        super().__init__(int(rate_value.value), rate_value.trials, rate_value.tol, rate_value.digits)
+        super().__init__(int(rate_value.value), rate_value.trials, rate_value.tol, rate_value.digits,
+                         rate_value.interval)
         self.width = width
 
     def __format__(self, spec: str) -> str:
@@ -393,8 +424,11 @@ def glue(name: str, value, *, tol=None, fmt: str | None = None, display: bool = 
         if tol is not None:
             raise TypeError(f"tol must not be given for an {type(value).__name__} value, which carries its own "
                             f"(got tol={tol!r})")
-        record = ({"values": [None], "tols": [VARIES]} if isinstance(value, Varies)
-                  else {"values": [value.value], "tols": [value.tol]})
+        if isinstance(value, Varies):
+            record = {"values": [None], "tols": [VARIES]}
+        else:
+            values, tols = value.recorded() if isinstance(value, Rate) else ([value.value], [value.tol])
+            record = {"values": values, "tols": tols}
         if isinstance(value, Rate):
             record["trials"] = value.trials
     elif tol is None:

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -190,6 +191,9 @@ def test_privacy_utility_experiment_runs_end_to_end():
     assert point.row()["setting"] == "tiny" and point.seconds > 0
     summary = point.summaries["online"]
     assert summary.negatives == point.n_negatives and summary.at(0.001).tpr.rate == point.lira["online"]["tpr@0.1%"]
+    # every pooled row names its digit: each of the 1,797 digits is scored once per leave-one-out game
+    assert point.examples.shape == point.members.shape
+    assert (np.bincount(point.examples, minlength=1797) == 6).all()
 
 
 # --------------------------------------------------------------------------- bad input

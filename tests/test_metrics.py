@@ -397,3 +397,107 @@ def test_rate_difference_rejects_bad_counts(args, match):
         metrics.rate_difference(*args)
     with pytest.raises(ValueError, match="confidence"):
         metrics.rate_difference(1, 2, 1, 2, confidence=1.0)
+
+
+# --------------------------------------------------------------------------- bootstrap over examples
+
+
+def _pooled_problem(n_groups=60, games=5, seed=0):
+    """Rows that score the same groups (examples) in several games, with ties (rounded scores)."""
+    rng = np.random.default_rng(seed)
+    groups = np.tile(np.arange(n_groups), games)
+    labels = rng.random(len(groups)) < 0.5
+    easy = rng.normal(0, 1, n_groups)
+    scores = np.round(labels * (1 + easy[groups]) + rng.normal(0, 1, len(groups)), 1)
+    return labels, scores, groups
+
+
+def test_bootstrap_summary_estimates_are_summarys():
+    labels, scores, groups = _pooled_problem()
+    boot = metrics.bootstrap_summary(labels, scores, groups, fprs=(0.1, 0.02), n_resamples=200)
+    exact = metrics.summary(labels, scores, fprs=(0.1, 0.02))
+    assert boot.auc.estimate == pytest.approx(exact.auc, abs=1e-12)
+    for fpr in (0.1, 0.02):
+        assert boot.at(fpr).estimate == pytest.approx(exact.at(fpr).tpr.rate, abs=1e-12)
+        assert boot.at(fpr).low <= boot.at(fpr).high and len(boot.at(fpr).samples) == 200
+    assert boot.groups == 60 and boot.n_resamples == 200
+    with pytest.raises(ValueError, match="fpr must be one of"):
+        boot.at(0.5)
+
+
+def test_bootstrap_replicate_is_the_summary_of_the_resampled_examples():
+    """Replicate 0, by hand: draw the groups as documented, copy every row of each drawn group (twice if
+    drawn twice), and compute summary() on that data set: the same AUC and TPRs."""
+    labels, scores, groups = _pooled_problem(n_groups=40, games=3, seed=1)
+    boot = metrics.bootstrap_summary(labels, scores, groups, fprs=(0.1,), n_resamples=100, seed=7)
+    drawn = np.random.default_rng(7).integers(0, 40, size=(32, 40))[0]
+    rows = np.concatenate([np.flatnonzero(groups == g) for g in drawn])
+    by_hand = metrics.summary(labels[rows], scores[rows], fprs=(0.1,))
+    assert boot.auc.samples[0] == pytest.approx(by_hand.auc, abs=1e-12)
+    assert boot.at(0.1).samples[0] == pytest.approx(by_hand.at(0.1).tpr.rate, abs=1e-12)
+
+
+def test_bootstrap_summary_is_seeded_and_paired():
+    labels, scores, groups = _pooled_problem()
+    a = metrics.bootstrap_summary(labels, scores, groups, n_resamples=100, fprs=(0.1,), seed=3)
+    b = metrics.bootstrap_summary(labels, scores, groups, n_resamples=100, fprs=(0.1,), seed=3)
+    c = metrics.bootstrap_summary(labels, scores, groups, n_resamples=100, fprs=(0.1,), seed=4)
+    assert np.array_equal(a.auc.samples, b.auc.samples) and not np.array_equal(a.auc.samples, c.auc.samples)
+    # another attack on the same rows, same seed: the same resampled examples, so a paired difference
+    shifted = metrics.bootstrap_summary(labels, scores + labels, groups, n_resamples=100, fprs=(0.1,), seed=3)
+    difference = metrics.paired_difference(shifted.auc, a.auc)
+    assert difference.estimate == pytest.approx(shifted.auc.estimate - a.auc.estimate)
+    assert difference.low > 0, "a uniformly better score is separated"
+    zero = metrics.paired_difference(a.auc, b.auc)
+    assert zero.low == zero.high == 0.0
+    with pytest.raises(ValueError, match="a and b must come from the same resampling"):
+        metrics.paired_difference(a.auc, c.auc)
+    with pytest.raises(TypeError, match="b must be a BootstrapEstimate"):
+        metrics.paired_difference(a.auc, 0.5)
+
+
+def test_bootstrap_over_groups_is_wider_than_over_rows_when_rows_repeat():
+    """Ten exact copies of each example's row carry no more information than one: resampling examples
+    sees that (the interval matches the one of the de-duplicated data), resampling rows does not."""
+    labels, scores, _ = _pooled_problem(n_groups=400, games=1, seed=2)
+    copies = 10
+    rows = np.repeat(np.arange(400), copies)
+    one = metrics.bootstrap_summary(labels, scores, fprs=(0.1,), n_resamples=400)
+    grouped = metrics.bootstrap_summary(labels[rows], scores[rows], rows, fprs=(0.1,), n_resamples=400)
+    naive = metrics.bootstrap_summary(labels[rows], scores[rows], fprs=(0.1,), n_resamples=400)
+    width = {name: s.auc.high - s.auc.low for name, s in (("one", one), ("grouped", grouped), ("naive", naive))}
+    assert width["grouped"] == pytest.approx(width["one"], rel=0.25)
+    assert width["naive"] < 0.5 * width["grouped"]
+    # groups=None is the ordinary bootstrap: every row its own group
+    explicit = metrics.bootstrap_summary(labels, scores, np.arange(400), fprs=(0.1,), n_resamples=400)
+    assert np.array_equal(explicit.auc.samples, one.auc.samples)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"groups": np.zeros(3, dtype=int)}, ValueError, r"groups must have one entry per score \(300\), got 3"),
+    ({"groups": np.zeros(300)}, TypeError, "groups must hold integer labels"),
+    ({"groups": np.zeros(300, dtype=int)}, ValueError, "groups must hold at least 2 distinct labels"),
+    ({"groups": "abc"}, TypeError, "groups must be a 1-D sequence"),
+    ({"n_resamples": 10}, ValueError, "n_resamples must be >= 100, got 10"),
+    ({"n_resamples": 100.0}, TypeError, "n_resamples must be an int"),
+    ({"confidence": 1.0}, ValueError, "confidence must be in"),
+    ({"seed": -1}, ValueError, "seed must be >= 0, got -1"),
+    ({"fprs": (0.0,)}, ValueError, r"fprs\[0\] must be in"),
+    ({"fprs": 0.01}, TypeError, "fprs must be a non-empty tuple"),
+    ({"scores": np.full(300, np.nan)}, ValueError, "scores must be finite"),
+    ({"labels": np.ones(300)}, ValueError, "labels must contain both classes"),
+])
+def test_bootstrap_summary_bad_inputs(kwargs, error, message):
+    labels, scores, groups = _pooled_problem(n_groups=60, games=5)
+    args = {"labels": labels, "scores": scores, "groups": groups, "n_resamples": 100} | kwargs
+    with pytest.raises(error, match=message):
+        metrics.bootstrap_summary(**args)
+
+
+def test_bootstrap_summary_refuses_groups_too_few_to_hold_both_classes():
+    labels = np.array([1, 0, 1, 0])
+    groups = np.array([0, 0, 1, 1])  # every group holds both classes: fine
+    assert metrics.bootstrap_summary(labels, [0.9, 0.1, 0.8, 0.2], groups, n_resamples=100).auc.estimate == 1.0
+    lopsided = np.array([0, 1, 0, 1])  # group 0 only positives, group 1 only negatives: half the draws fail
+    with pytest.raises(ValueError, match="groups: too few replicates hold both classes"):
+        metrics.bootstrap_summary(labels, [0.9, 0.1, 0.8, 0.2], lopsided, n_resamples=100)

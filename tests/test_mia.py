@@ -1,6 +1,7 @@
 import math
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -601,3 +602,77 @@ def test_lm_scores_take_the_reference_as_a_zoo_model_or_a_pair(tiny_lm):
     assert torch.equal(as_pair, as_entry) and torch.allclose(as_pair, torch.zeros(2), atol=1e-5)  # itself: 0
     with pytest.raises(TypeError, match="reference must be None, a ZooModel or a"):
         mia.lm_scores(model, tok, texts, reference=model)
+
+
+# --------------------------------------------------------------------------- review s3 (issue: chapter 01)
+
+
+def test_pooled_rows_name_their_example():
+    shadow, target, target_keep = _synthetic_shadow(n_models=6, n=40)
+    pooled = mia.pooled_leave_one_out(shadow, _toy_attack, targets=[(target, target_keep)], n_leave_one_out=2,
+                                      n_population=5, seed=3)
+    rows = pooled["true logit"]
+    assert rows.examples.dtype == torch.int64 and len(rows.examples) == len(rows.scores) == 3 * 35
+    # every game scores each example at most once, and never one of its population
+    for game in range(3):
+        chunk = rows.examples[35 * game: 35 * (game + 1)]
+        assert len(set(chunk.tolist())) == 35
+    whole = mia.pooled_leave_one_out(shadow, _toy_attack, n_leave_one_out=2)["true logit"]
+    assert torch.equal(whole.examples, torch.arange(40).repeat(2))
+    assert torch.equal(whole.scores[whole.examples == 7], torch.stack(
+        [mia.scaled_confidence(shadow.logits[t], shadow.labels)[7] for t in range(2)]))
+    with pytest.raises(ValueError, match=r"examples must have one entry per score \(3\), got 2"):
+        mia.Pooled(torch.zeros(3), torch.zeros(3, dtype=torch.bool), torch.zeros(2, dtype=torch.long))
+
+
+def test_lira_global_fixed_variance_is_the_reference_codes():
+    """fixed_variance="global" is research/mi_lira_2021's fix_variance: one standard deviation of all
+    examples' IN values pooled (np.std, around the grand mean), for both Gaussians; offline, of the OUT
+    values. True and "median" are the median of the per-example standard deviations."""
+    shadow, target, member = _synthetic_shadow(n_models=8, n=300, shift=1.0, spread=2.0, noise=0.5)
+    phi, observed = shadow.scaled_confidence(), mia.scaled_confidence(target, shadow.labels)
+    keep = shadow.keep
+    mean_in = (phi * keep).sum(0) / keep.sum(0)
+    mean_out = (phi * ~keep).sum(0) / (~keep).sum(0)
+    sigma = float(np.std(phi[keep].double().numpy()))
+    from scipy import stats
+
+    expected = (stats.norm.logpdf(observed.numpy(), mean_in.numpy(), sigma)
+                - stats.norm.logpdf(observed.numpy(), mean_out.numpy(), sigma))
+    got = mia.lira_scores(shadow, target, fixed_variance="global")
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4)
+    sigma_out = float(np.std(phi[~keep].double().numpy()))
+    offline = mia.lira_scores(shadow, target, online=False, fixed_variance="global")
+    np.testing.assert_allclose(offline.numpy(), stats.norm.logcdf(observed.numpy(), mean_out.numpy(), sigma_out),
+                               rtol=1e-4, atol=1e-4)
+    assert torch.equal(mia.lira_scores(shadow, target, fixed_variance="median"),
+                       mia.lira_scores(shadow, target, fixed_variance=True))
+    # the pooled spread includes the spread between examples (spread=2 here), so it is far wider
+    per_example = torch.stack([phi[keep[:, n], n].std() for n in range(300)])
+    assert sigma > 3 * float(per_example.median())
+    with pytest.raises(ValueError, match="fixed_variance must be False, True, 'median' or 'global', got 'mean'"):
+        mia.lira_scores(shadow, target, fixed_variance="mean")
+    with pytest.raises(ValueError, match="fixed_variance must be"):
+        mia.lira_scores(shadow, target, fixed_variance=1)
+
+
+def test_rmia_trimmed_mean_is_scipys():
+    from scipy import stats
+
+    shadow, target, _ = _synthetic_shadow(n_models=10, n=200, shift=1.0, spread=1.0)
+    population = torch.arange(150, 200)
+    p = shadow.true_class_probs().numpy()
+    p_x = stats.trim_mean(p, 0.2, axis=0)
+    p_target = torch.softmax(target, -1)[:, 0].numpy()
+    ratio = p_target / p_x
+    expected = (ratio[:, None] / ratio[None, population.numpy()] > 2.0).mean(1)
+    got = mia.rmia_scores(shadow, target, population, gamma=2.0, proportiontocut=0.2)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
+    assert torch.equal(mia.rmia_scores(shadow, target, population, proportiontocut=0.0),
+                       mia.rmia_scores(shadow, target, population))
+    with pytest.raises(ValueError, match=r"proportiontocut must be in \[0, 0.5\)"):
+        mia.rmia_scores(shadow, target, population, proportiontocut=0.5)
+    with pytest.raises(ValueError, match="proportiontocut applies to online RMIA only"):
+        mia.rmia_scores(shadow, target, population, offline_a=0.3, proportiontocut=0.2)
+    with pytest.raises(TypeError, match="proportiontocut must be a float"):
+        mia.rmia_scores(shadow, target, population, proportiontocut="0.2")

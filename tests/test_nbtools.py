@@ -168,3 +168,25 @@ def test_rate_digits_shows_low_rates_with_significant_digits(shown):
         nbtools.table({"KGW": {"FPR": rate(k, 11283, digits=3)}}, {"FPR": ("", nbtools.RATES)})
     skeletons = {meta["companion"]["skeleton"] for _, meta in shown}
     assert len(skeletons) == 1
+
+
+def test_rate_with_a_bootstrap_interval_records_its_ends(shown):
+    """A pooled rate (trials that are not independent) shows its bootstrap interval instead of Wilson's;
+    the count and both ends are compared, the ends within the count's tolerance as a rate."""
+    value = rate(393, 15211, tol=121, digits=2, interval=(0.0198, 0.0322))
+    assert f"{value}" == "393/15211 (2.6%, 95% bootstrap CI 2.0%–3.2%)"
+    nbtools.say("LiRA {}", value)
+    record = shown[0][1]["companion"]
+    assert record["values"] == [393, 0.0198, 0.0322] and record["tols"] == [121, 121 / 15211, 121 / 15211]
+    assert record["skeleton"] == "LiRA \u27e80:rate/15211/bootstrap\u27e9"
+    nbtools.glue("lira", value)
+    assert shown[1][1]["companion"]["values"] == [393, 0.0198, 0.0322]
+    columns = {"TPR": ("", nbtools.RATES)}
+    for k, low, high in ((393, 0.0198, 0.0322), (0, 0.0, 0.0), (15211, 0.99, 1.0)):
+        nbtools.table({"LiRA": {"TPR": rate(k, 15211, digits=2, interval=(low, high))}}, columns)
+    skeletons = {meta["companion"]["skeleton"] for _, meta in shown[2:]}
+    assert len(skeletons) == 1, "the interval's ends never move the padding"
+    with pytest.raises(ValueError, match="interval must satisfy 0 <= low <= high <= 1"):
+        rate(3, 10, interval=(0.5, 0.2))
+    with pytest.raises(TypeError, match="interval must be a \\(low, high\\) pair"):
+        rate(3, 10, interval=0.2)
