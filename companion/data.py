@@ -215,7 +215,7 @@ def check_canary_plan(repeats, per_level, digits, seed) -> tuple[int, int, int]:
 
 def make_canaries(repeats: tuple[int, ...] = (0, 1, 4, 16), per_level: int = 4, digits: int = 6,
                   seed: int = 0) -> list[Canary]:
-    """Canaries 'The vault code of <owner> is d d d d d d .' with random digit secrets.
+    """Canaries 'The code of vault NN is d d d d d d .' (NN = 00, 01, ...) with random digit secrets.
 
     ``per_level`` canaries for each entry of ``repeats``. Digits are space separated so every digit
     is one token and the secret has exactly ``10**digits`` possible values.

@@ -449,7 +449,8 @@ def build_classifier(recipe: ClassifierRecipe) -> nn.Module:
 register("tiny-llama", LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384, steps=280))
 # A second architecture, so every LM-facing function is tested on GPT-2's Conv1D layers too.
 register("tiny-gpt2", LMRecipe(architecture="gpt2", hidden=64, layers=2, heads=2, intermediate=256, steps=300))
-# Chapter 00's exercise 2 (memorization vs training length): tiny-llama trained half as long.
+# Chapter 00's exercise 2 (memorization vs training length): tiny-llama's recipe with 140 steps, a run
+# of its own (its learning-rate schedule spans 140 steps), not a snapshot of tiny-llama's training.
 register("tiny-llama-140", LMRecipe(architecture="llama", hidden=128, layers=4, heads=4, intermediate=384,
                                     steps=140))
 register("digits-mlp", ClassifierRecipe())
@@ -489,7 +490,8 @@ def load_hub(model_id: str, **kwargs) -> ZooModel:
     (so that every function of the course takes it exactly as it takes ``load("tiny-llama")``).
 
     The course never calls this in executed cells. Offline it fails with a clear message instead of a
-    long traceback. ``kwargs`` go to ``from_pretrained`` (e.g. ``device_map="auto"``, ``torch_dtype``).
+    long traceback. ``kwargs`` go to ``from_pretrained`` (e.g. ``device_map="auto"``,
+    ``dtype="auto"``; transformers 5 deprecates the old name ``torch_dtype``).
     """
     if not isinstance(model_id, str) or "/" not in model_id and not Path(model_id).exists():
         raise ValueError(f"model_id must be a hub id like 'org/name' or a local folder, got {model_id!r}")
