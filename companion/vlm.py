@@ -531,16 +531,29 @@ class TextConfig:
                           **special)
 
 
-def build_tiny_vlm(projector: str = "mlp", tokenizer=None, vision: VisionConfig = VisionConfig(),
+def build_tiny_vlm(projector: str | nn.Module = "mlp", tokenizer=None, vision: VisionConfig = VisionConfig(),
                    text: TextConfig = TextConfig(), vision_tower: nn.Module | None = None):
-    """An untrained ``LlavaForConditionalGeneration`` from configs with the named projector assigned to
-    ``model.model.multi_modal_projector``. ``config.image_seq_length`` is set to the projector's output
-    count (:func:`count_visual_tokens`), which is how many ``<image>`` tokens a prompt must carry. The
-    vision features are the last layer's patch tokens (``vision_feature_layer=-1``, CLS dropped by
-    ``"default"``). ``vision_tower``, if given, is copied in (a pre-trained encoder)."""
+    """An untrained ``LlavaForConditionalGeneration`` from configs with the projector assigned to
+    ``model.model.multi_modal_projector``: a name from :data:`PROJECTORS` (a fresh one is built), or a
+    projector module of this file's kind (e.g. ``PoolProjector(64, 64, factor=4)``), used as given.
+    ``config.image_seq_length`` is set to the projector's output count (:func:`count_visual_tokens`),
+    which is how many ``<image>`` tokens a prompt must carry. The vision features are the last layer's
+    patch tokens (``vision_feature_layer=-1``, CLS dropped by ``"default"``). ``vision_tower``, if
+    given, is copied in (a pre-trained encoder)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    check_choice("projector", projector, tuple(PROJECTORS))
+    if isinstance(projector, nn.Module):
+        if not callable(getattr(projector, "out_tokens", None)):
+            raise TypeError("projector must be a name from vlm.PROJECTORS or a projector module with "
+                            f"out_tokens(n), got {type(projector).__name__}")
+        wanted = (vision.hidden, text.hidden) if isinstance(vision, VisionConfig) and isinstance(
+            text, TextConfig) else None
+        got = (getattr(projector, "d_vision", None), getattr(projector, "d_text", None))
+        if wanted is not None and got != wanted:
+            raise ValueError(f"projector must map d_vision={wanted[0]} to d_text={wanted[1]} (the configs' "
+                             f"widths), got d_vision={got[0]}, d_text={got[1]}")
+    else:
+        check_choice("projector", projector, tuple(PROJECTORS))
     if not isinstance(vision, VisionConfig):
         raise TypeError(f"vision must be a VisionConfig, got {type(vision).__name__}")
     if not isinstance(text, TextConfig):
@@ -549,12 +562,12 @@ def build_tiny_vlm(projector: str = "mlp", tokenizer=None, vision: VisionConfig 
     if IMAGE_TOKEN not in tok.get_vocab():
         raise ValueError(f"tokenizer must have the image token {IMAGE_TOKEN!r} in its vocabulary")
     patches = (vision.image_size // vision.patch_size) ** 2
-    proj = make_projector(projector, vision.hidden, text.hidden)
+    proj = projector if isinstance(projector, nn.Module) else make_projector(projector, vision.hidden, text.hidden)
     config = LlavaConfig(vision_config=vision.hf().to_dict(), text_config=text.hf(tok).to_dict(),
                          image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
                          vision_feature_select_strategy="default", image_seq_length=proj.out_tokens(patches),
                          tie_word_embeddings=False)
-    config.companion_projector = projector
+    config.companion_projector = projector if isinstance(projector, str) else type(projector).__name__
     model = LlavaForConditionalGeneration(config)
     model.model.multi_modal_projector = proj
     if vision_tower is not None:

@@ -375,3 +375,14 @@ def test_grid_apply_and_probe_controls(world, tok):
     assert vlm.token_columns(16, 4).tolist() == [0, 1, 2, 3] * 4
     a_only, b_only, p = vlm.paired_comparison([True, True, False], [False, True, False])
     assert (a_only, b_only) == (1, 0) and 0 < p <= 1
+
+
+def test_build_tiny_vlm_takes_a_projector_module_and_counts_its_tokens():
+    for factor, tokens in ((1, 64), (4, 4), (8, 1)):
+        model = vlm.build_tiny_vlm(vlm.PoolProjector(64, 64, factor=factor))
+        assert vlm.count_visual_tokens(model) == model.config.image_seq_length == tokens
+        assert model.model.multi_modal_projector.factor == factor
+    with pytest.raises(ValueError, match=r"d_vision=64 to d_text=64.*got d_vision=32, d_text=64"):
+        vlm.build_tiny_vlm(vlm.PoolProjector(32, 64))
+    with pytest.raises(TypeError, match="projector must be a name from vlm.PROJECTORS"):
+        vlm.build_tiny_vlm(torch.nn.Linear(64, 64))
