@@ -204,6 +204,14 @@ def _long_code_lines(nb: dict) -> list[str]:
     return long
 
 
+def test_markdown_has_no_control_characters(notebook):
+    """A Python string that lost its raw prefix turns ``\\text`` into a TAB and ``\\frac`` into a form feed:
+    MathJax then renders the formula wrong, and neither the book build nor the browser check notices."""
+    path, nb = notebook
+    found = [f"cell {i}: {ch!r}" for i, cell in enumerate(nb["cells"]) if cell["cell_type"] == "markdown"
+             for ch in sorted(set(_source(cell))) if ord(ch) < 32 and ch != "\n"]
+    assert not found, f"{path.name}: control characters in markdown: {', '.join(found)}"
+
 def test_code_lines_fit_the_page(notebook, request):
     """Issue 14: the book cuts code at the column width; a notebook's code lines stay within 88 characters."""
     path, nb = notebook
