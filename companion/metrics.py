@@ -508,6 +508,14 @@ class BootstrapSummary:
         raise ValueError(f"fpr must be one of the summary's FPRs {tuple(t for t, _ in self.points)}, got {fpr!r}")
 
 
+def _percentile_estimate(full: float, samples: np.ndarray, confidence: float, pairing: tuple) -> BootstrapEstimate:
+    """``full`` with the percentile interval of the finite replicate ``samples`` (a replicate without both
+    classes is NaN and left out)."""
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(samples[np.isfinite(samples)], [tail, 1 - tail])
+    return BootstrapEstimate(float(full), float(low), float(high), samples, confidence, pairing)
+
+
 def _weighted_curves(sorted_labels: np.ndarray, last_of_run: np.ndarray, weights: np.ndarray, fprs):
     """AUC and TPR at each FPR of ``[R, rows]`` weighted copies of one sorted problem (rows sorted by
     decreasing score; ``last_of_run`` the last row of each run of equal scores). Weighted counts
@@ -584,16 +592,13 @@ def bootstrap_summary(labels, scores, groups=None, fprs=(0.01, 0.001), n_resampl
         for kept, values in zip(at_samples, at):
             kept.append(values)
     pairing = (seed, n_resamples, zlib.crc32(unique.astype(np.int64).tobytes()))
-    tail = (1 - confidence) / 2
 
     def estimate(full: float, parts: list) -> BootstrapEstimate:
         samples = np.concatenate(parts)
-        valid = samples[np.isfinite(samples)]
-        if len(valid) < 0.9 * n_resamples:
-            raise ValueError(f"groups: too few replicates hold both classes ({len(valid)} of {n_resamples}); "
-                             "resample more groups")
-        low, high = np.quantile(valid, [tail, 1 - tail])
-        return BootstrapEstimate(float(full), float(low), float(high), samples, confidence, pairing)
+        if np.isfinite(samples).sum() < 0.9 * n_resamples:
+            raise ValueError(f"groups: too few replicates hold both classes ({np.isfinite(samples).sum()} of "
+                             f"{n_resamples}); resample more groups")
+        return _percentile_estimate(full, samples, confidence, pairing)
 
     return BootstrapSummary(estimate(full_auc[0], auc_samples),
                             tuple((f, estimate(v[0], s)) for f, v, s in zip(fprs, full_at, at_samples)),
@@ -610,8 +615,4 @@ def paired_difference(a: BootstrapEstimate, b: BootstrapEstimate) -> BootstrapEs
     if a.pairing != b.pairing or a.confidence != b.confidence:
         raise ValueError("a and b must come from the same resampling (seed, n_resamples, groups and confidence), "
                          f"got pairings {a.pairing[:2]} and {b.pairing[:2]}")
-    samples = a.samples - b.samples
-    valid = samples[np.isfinite(samples)]
-    tail = (1 - a.confidence) / 2
-    low, high = np.quantile(valid, [tail, 1 - tail])
-    return BootstrapEstimate(a.estimate - b.estimate, float(low), float(high), samples, a.confidence, a.pairing)
+    return _percentile_estimate(a.estimate - b.estimate, a.samples - b.samples, a.confidence, a.pairing)

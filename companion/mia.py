@@ -364,9 +364,9 @@ def lira_scores(shadow: ShadowSignals, target_logits: torch.Tensor, online: bool
                          f"{'fixed' if fixed_variance else 'per-example'} variance; got as few as "
                          f"{int(n_in.min())} IN and {int(n_out.min())} OUT")
 
-    # the reference code's global spread: all IN values online (for both Gaussians), OUT values offline
-    pooled = phi[shadow.keep] if online else phi[~shadow.keep]
-    global_std = max(float(pooled.double().std(correction=0)), 1e-6)
+    if fixed_variance == "global":  # the reference code's spread: all IN values online, OUT values offline
+        pooled = phi[shadow.keep] if online else phi[~shadow.keep]
+        global_std = max(float(pooled.double().std(correction=0)), 1e-6)
 
     def moments(mask):
         count = mask.sum(0).clamp_min(1)
