@@ -10,7 +10,8 @@ The module reads as the chapter does:
    ``(s, z)`` pair is shared per tensor, per channel (per row of the last dimension: an output channel
    of a weight, a token of an activation) or per group of ``group_size`` consecutive entries.
 2. **Ranges.** Min-max uses the full range; a percentile range clips the tails; the MSE range
-   searches the clipping ratio that minimises ``||x - x_hat||^2`` (the "L2" observer of PyTorch).
+   searches one shared clipping ratio of the min-max range that minimises ``||x - x_hat||^2`` (a
+   simplified grid search; PyTorch's ``HistogramObserver`` instead moves both ends independently).
 3. **Fake quantization and the STE.** ``round`` has zero gradient almost everywhere, so QAT uses the
    straight-through estimator (Bengio et al. 2013): the forward pass sees ``x_hat``, the backward pass
    treats quantize-dequantize as the identity; the *clipped* STE passes the gradient only where
@@ -101,9 +102,29 @@ def _check_x(x) -> torch.Tensor:
     return check_tensor("x", x, kind="float", finite=True, nonempty=True)
 
 
+_QUANTILE_LIMIT = 1 << 24
+
+
+def _sorted_quantiles(rows: torch.Tensor, percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.quantile``'s default (linear interpolation between order statistics) per row, by sorting:
+    no size limit (a Hugging Face weight can hold more than the 2^24 values ``torch.quantile`` accepts)."""
+    ordered = rows.float().sort(dim=1).values
+    n = ordered.shape[1]
+    ends = []
+    for q in (1 - percentile / 100, percentile / 100):
+        position = q * (n - 1)
+        below = min(int(math.floor(position)), n - 1)
+        above = min(below + 1, n - 1)
+        frac = position - below
+        ends.append((ordered[:, below: below + 1] * (1 - frac) + ordered[:, above: above + 1] * frac).to(rows.dtype))
+    return ends[0], ends[1]
+
+
 def _row_range(rows: torch.Tensor, method: str, percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lo, hi)`` per row, both ``[n, 1]``, from the min-max or a percentile of the row."""
     if method == "percentile":
+        if rows.numel() > _QUANTILE_LIMIT:  # torch.quantile refuses inputs over 2^24 values
+            return _sorted_quantiles(rows, percentile)
         q = torch.tensor([1 - percentile / 100, percentile / 100], dtype=rows.dtype)
         lo, hi = torch.quantile(rows.float(), q.float(), dim=1, keepdim=True).to(rows.dtype)
     else:
@@ -135,7 +156,8 @@ def choose_qparams(x: torch.Tensor, bits: int = 8, granularity: str = "per_tenso
     ``method``: ``"minmax"`` (the full range), ``"percentile"`` (clip to the ``percentile``-th and
     ``100 - percentile``-th percentiles of each group) or ``"mse"`` (search a clipping ratio
     ``r`` in ``[0.2, 1]`` of the min-max range per group, keeping the one with the least
-    ``||x - x_hat||^2``; the L2 observer of PyTorch and the "grid search" of many PTQ papers).
+    ``||x - x_hat||^2``: one ratio scales both ends, the "grid search" of many PTQ papers; PyTorch's
+    ``HistogramObserver`` searches the two ends independently).
     """
     x = _check_x(x)
     qmin, qmax = qrange(bits, symmetric)
@@ -178,9 +200,11 @@ class QTensor:
         return ((rows - self.zero_point) * self.scale).reshape(self.shape)
 
     def storage_bytes(self, scale_bytes: int = 2) -> int:
-        """Bytes when the codes are bit-packed and each group stores a scale (fp16 by default) and, if
-        asymmetric, an int8 zero point."""
-        codes = math.ceil(self.codes.numel() * self.bits / 8)
+        """Bytes as :func:`convert` stores them: the codes packed as :func:`_pack` packs them (2 or 4 bits:
+        4 or 2 codes per byte; every other width one byte per code), and each group a scale (fp16 by
+        default) and, if asymmetric, an int8 zero point."""
+        per_byte = 8 // self.bits if self.bits in (2, 4) else 1
+        codes = math.ceil(self.codes.numel() / per_byte)
         zeros = 0 if bool((self.zero_point == 0).all()) else self.zero_point.numel()
         return codes + self.scale.numel() * scale_bytes + zeros
 
@@ -268,6 +292,13 @@ def _grad_scale(value: torch.Tensor, factor: float) -> torch.Tensor:
     return (value - scaled).detach() + scaled
 
 
+_LSQ_EPS = 1e-8
+
+
+def _positive_step(step: torch.Tensor) -> torch.Tensor:
+    return step.abs().clamp(min=_LSQ_EPS)
+
+
 class LSQQuantizer(nn.Module):
     """Learned Step Size Quantization (Esser et al. 2020).
 
@@ -299,9 +330,11 @@ class LSQQuantizer(nn.Module):
         if not bool(self.initialized):
             with torch.no_grad():
                 self.step.copy_(2 * rows.abs().mean(1) / math.sqrt(self.q_p))
-                self.step.clamp_(min=1e-8)
+                self.step.clamp_(min=_LSQ_EPS)
                 self.initialized.fill_(True)
-        step = _grad_scale(self.step.reshape(-1, 1), 1.0 / math.sqrt(rows.shape[1] * self.q_p))
+        # an optimiser step can push a small step to or below 0: use |s| kept above eps, as torchao
+        # clamps its learned scales (identity while every step stays above eps)
+        step = _grad_scale(_positive_step(self.step).reshape(-1, 1), 1.0 / math.sqrt(rows.shape[1] * self.q_p))
         v = torch.clamp(rows / step, -self.q_n, self.q_p)
         v = v + (torch.round(v) - v).detach()
         return (v * step).reshape(x.shape)
@@ -628,7 +661,7 @@ class QuantizedLinear(nn.Module):
             weight = weight_matrix(fake.layer).detach().float()
             if fake.lsq is not None:
                 rows = weight.reshape(fake.lsq.groups, -1)
-                scale = fake.lsq.step.detach().reshape(-1, 1)
+                scale = _positive_step(fake.lsq.step.detach()).reshape(-1, 1)
                 zero = torch.zeros_like(scale)
                 qmin, qmax = -fake.lsq.q_n, fake.lsq.q_p
                 codes = _quant(rows, scale, zero, qmin, qmax)
@@ -724,6 +757,11 @@ def convert(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("model has no FakeQuantLinear layer to convert: call prepare_qat(model, config) "
                          "first (convert before prepare)")
+    convs = [name for name, fake in layers.items() if isinstance(fake, FakeQuantConv2d)]
+    if convs:  # refuse before swapping anything, so that a model is never left half-converted
+        raise ValueError(f"model has FakeQuantConv2d layers ({', '.join(convs[:3])}"
+                         f"{', ...' if len(convs) > 3 else ''}): convert stores linear layers only (no integer "
+                         "convolution kernel here); evaluate the fake-quantized model instead")
     for name, fake in layers.items():
         parent_name, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attribute, QuantizedLinear(fake))
@@ -763,6 +801,59 @@ def window_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int =
         count += ids[:, 1:].numel()
     model.train(was_training)
     return math.exp(total / count)
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Summed next-token NLL of each window ``[n, T]`` (float64, ``[n]``), with the checks of
+    :func:`window_perplexity`: ``exp(window_nll(...).sum() / (n * (T - 1)))`` is that perplexity. The
+    per-window values are what :func:`paired_perplexity_difference` resamples."""
+    check_module("model", model)
+    check_tensor("windows", windows, ndim=2, kind="int", nonempty=True)
+    if windows.shape[1] < 2:
+        raise ValueError(f"windows must have at least 2 tokens each, got shape {tuple(windows.shape)}")
+    check_token_ids("windows", windows, model)
+    check_int("batch_size", batch_size, minimum=1)
+    trained = getattr(getattr(model, "config", None), "trained_context", None)
+    if isinstance(trained, int) and windows.shape[1] > trained:
+        raise ValueError(f"windows have {windows.shape[1]} tokens, more than the {trained} the model was trained on "
+                         "(config.trained_context): cut them shorter")
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start: start + batch_size]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        out.append(nll.reshape(len(ids), -1).double().sum(1))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def paired_perplexity_difference(nll_a: torch.Tensor, nll_b: torch.Tensor, tokens_per_window: int,
+                                 n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+                                 ) -> tuple[float, float, float]:
+    """``ppl_a - ppl_b`` on the same evaluation windows and a paired percentile-bootstrap interval over
+    the windows (Efron & Tibshirani 1993, ch. 13): each replicate draws ``n`` window indices with
+    replacement, the same for both, and recomputes both perplexities. ``nll_a``/``nll_b`` are
+    :func:`window_nll` outputs (summed NLL per window), ``tokens_per_window`` the predicted tokens per
+    window (``T - 1``). Returns ``(difference, lower, upper)``. It measures what another sample of
+    evaluation text would change, not what another calibration draw or seed would."""
+    a = check_tensor("nll_a", nll_a, ndim=1, kind="float", finite=True, nonempty=True).double()
+    b = check_tensor("nll_b", nll_b, ndim=1, kind="float", finite=True, nonempty=True).double()
+    if a.shape != b.shape:
+        raise ValueError(f"nll_b must have one value per window of nll_a ({a.shape[0]}), got {b.shape[0]}")
+    tokens = check_int("tokens_per_window", tokens_per_window, minimum=1)
+    n_resamples = check_int("n_resamples", n_resamples, minimum=100)
+    confidence = check_float("confidence", confidence, minimum=0.5, maximum=0.999)
+    check_int("seed", seed, minimum=0)
+    n = a.shape[0]
+    index = torch.randint(0, n, (n_resamples, n), generator=torch.Generator().manual_seed(seed))
+    replicates = torch.exp(a[index].sum(1) / (n * tokens)) - torch.exp(b[index].sum(1) / (n * tokens))
+    tail = (1 - confidence) / 2
+    lower, upper = torch.quantile(replicates, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    difference = float(torch.exp(a.sum() / (n * tokens)) - torch.exp(b.sum() / (n * tokens)))
+    return difference, lower, upper
 
 
 def recovered(full: float, ptq: float, qat: float) -> float:
