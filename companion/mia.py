@@ -493,7 +493,8 @@ class Pooled:
         return iter((self.scores, self.members))
 
 
-def _check_pooling(signals, attacks, targets, n_leave_one_out, n_population, seed) -> tuple[list, int, int]:
+def _check_pooling(signals, attacks, targets, n_leave_one_out, n_population, seed, equal_in_out=False
+                   ) -> tuple[list, int, int]:
     if not isinstance(signals, ShadowSignals):
         raise TypeError(f"signals must be a ShadowSignals, got {type(signals).__name__}")
     if not callable(attacks):
@@ -521,11 +522,51 @@ def _check_pooling(signals, attacks, targets, n_leave_one_out, n_population, see
         raise ValueError(f"n_population must be smaller than every target's number of non-members "
                          f"(as few as {fewest_out}), got {n_population}")
     check_int("seed", seed, minimum=0)
+    check_bool("equal_in_out", equal_in_out)
+    if equal_in_out and n_leave_one_out:
+        counts = signals.keep.sum(0)
+        if n_models < 4 or n_models % 2 or (counts != n_models // 2).any():
+            raise ValueError(f"equal_in_out needs an even number (>= 4) of shadow models with every example IN "
+                             f"exactly half of them (mia.balanced_keep), got {n_models} models and IN counts "
+                             f"from {int(counts.min())} to {int(counts.max())}")
     return list(targets), n_leave_one_out, n_population
 
 
+def _equal_in_out_scores(signals: ShadowSignals, t: int, attacks, population) -> dict[str, torch.Tensor]:
+    """Leave-one-out game ``t`` with as many IN as OUT shadow models for every example: each example
+    is scored by the ``K - 2`` models left when the target ``t`` and one model on the example's
+    majority side (an OUT model for the target's members, an IN model for its non-members) are
+    removed; that model is the first such one in order, and the examples that share it are scored by
+    one call of ``attacks``."""
+    n_models, n_examples = signals.keep.shape
+    others = [k for k in range(n_models) if k != t]
+    left = torch.ones(n_examples, dtype=torch.bool)
+    scores: dict[str, torch.Tensor] = {}
+    for dropped in others:
+        chosen = left & (signals.keep[dropped] != signals.keep[t])  # dropping it evens these examples
+        if not chosen.any():
+            continue
+        rest = [k for k in others if k != dropped]
+        part = attacks(ShadowSignals(signals.logits[rest], signals.keep[rest], signals.labels),
+                       signals.logits[t], population)
+        if not isinstance(part, dict) or not part:
+            raise TypeError(f"attacks must return a non-empty dict of scores, got {type(part).__name__}")
+        for name, values in part.items():
+            check_tensor(f"attacks(...)[{name!r}]", values, ndim=1)
+            if len(values) != n_examples:
+                raise ValueError(f"attacks(...)[{name!r}] must score all {n_examples} examples, got {len(values)}")
+            if name not in scores:
+                scores[name] = torch.zeros(n_examples, dtype=values.dtype)
+            scores[name][chosen] = values[chosen]
+        left &= ~chosen
+        if not left.any():
+            return scores
+    raise ValueError(f"equal_in_out: no shadow model evens examples {torch.nonzero(left).squeeze(1).tolist()[:5]} "
+                     f"of game {t}")
+
+
 def pooled_leave_one_out(signals: ShadowSignals, attacks, targets=(), n_leave_one_out: int | None = None,
-                         n_population: int = 0, seed: int = 0) -> dict[str, Pooled]:
+                         n_population: int = 0, seed: int = 0, equal_in_out: bool = False) -> dict[str, Pooled]:
     """Score several membership games with ``attacks`` and pool each attack's scores, so that its TPR at
     a low FPR rests on many more non-members than one target has (Carlini et al. 2022 evaluate LiRA
     this way: each shadow model in turn is the target).
@@ -538,25 +579,37 @@ def pooled_leave_one_out(signals: ShadowSignals, attacks, targets=(), n_leave_on
     population, and leaves them out of the pooled scores; with ``0``, ``population`` is ``None`` and
     every example is scored. Returns ``{name: Pooled(scores, members, examples)}`` concatenated game by
     game; ``examples`` is the index (in ``0 .. N - 1``) of the example each row scores.
+
+    ``equal_in_out``: with :func:`balanced_keep` every example is IN in ``K/2`` models, so leaving the
+    target out gives its members ``K/2 - 1`` IN and ``K/2`` OUT shadow models and its non-members the
+    reverse: a one-model asymmetry that follows membership. ``True`` removes it from the leave-one-out
+    games (``targets`` are independent of the shadow models and unchanged): each example is scored by
+    ``K - 2`` models with ``K/2 - 1`` IN and ``K/2 - 1`` OUT (see :func:`_equal_in_out_scores`; about
+    ``log2 N`` calls of ``attacks`` per game instead of one). The populations and the rows are those
+    of ``equal_in_out=False``, so the two poolings can be compared row by row. Needs every example IN
+    in exactly half of an even number ``K >= 4`` of models.
     """
     targets, n_leave_one_out, n_population = _check_pooling(signals, attacks, targets, n_leave_one_out,
-                                                             n_population, seed)
+                                                             n_population, seed, equal_in_out)
     generator = torch.Generator().manual_seed(seed)
-    games = [(signals, logits, members) for logits, members in targets]
+    games = [(signals, logits, members, None) for logits, members in targets]
     for t in range(n_leave_one_out):
         others = torch.arange(len(signals.keep)) != t
         rest = ShadowSignals(signals.logits[others], signals.keep[others], signals.labels)
-        games.append((rest, signals.logits[t], signals.keep[t]))
+        games.append((rest, signals.logits[t], signals.keep[t], t))
     pooled = {}
     index = torch.arange(signals.keep.shape[1])  # the example each row scores
-    for shadow, logits, members in games:
+    for shadow, logits, members, left_out in games:
         evaluated = torch.ones(len(members), dtype=torch.bool)
         population = None
         if n_population:
             outs = torch.nonzero(~members).squeeze(1)
             population = outs[torch.randperm(len(outs), generator=generator)[:n_population]]
             evaluated[population] = False
-        scores = attacks(shadow, logits, population)
+        if equal_in_out and left_out is not None:
+            scores = _equal_in_out_scores(signals, left_out, attacks, population)
+        else:
+            scores = attacks(shadow, logits, population)
         if not isinstance(scores, dict) or not scores:
             raise TypeError(f"attacks must return a non-empty dict of scores, got {type(scores).__name__}")
         for name, values in scores.items():

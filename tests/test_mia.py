@@ -676,3 +676,69 @@ def test_rmia_trimmed_mean_is_scipys():
         mia.rmia_scores(shadow, target, population, offline_a=0.3, proportiontocut=0.2)
     with pytest.raises(TypeError, match="proportiontocut must be a float"):
         mia.rmia_scores(shadow, target, population, proportiontocut="0.2")
+
+
+# --------------------------------------------------------------------------- equal IN/OUT leave-one-out games
+
+
+def _counting_attack(shadow, logits, population):
+    """Scores that record the shadow set each example was scored with: its IN minus OUT models, and
+    the number of models."""
+    n_in = shadow.keep.sum(0)
+    return {"in - out": (2 * n_in - len(shadow.keep)).float(),
+            "models": torch.full((logits.shape[0],), float(len(shadow.keep)))}
+
+
+def test_leave_one_out_games_are_one_model_asymmetric_by_default():
+    shadow, target, target_keep = _synthetic_shadow(n_models=8, n=60)
+    pooled = mia.pooled_leave_one_out(shadow, _counting_attack, targets=[(target, target_keep)], n_leave_one_out=3)
+    rows = pooled["in - out"]
+    assert torch.equal(rows.scores[:60], torch.zeros(60))  # the extra target: all 8 models, 4 IN and 4 OUT
+    loo = rows.scores[60:]
+    assert torch.equal(loo, torch.where(rows.members[60:], -1.0, 1.0))  # members 3 IN / 4 OUT, the rest 4 / 3
+
+
+def test_equal_in_out_evens_every_example_and_keeps_the_rows():
+    shadow, target, target_keep = _synthetic_shadow(n_models=8, n=60)
+    args = dict(targets=[(target, target_keep)], n_leave_one_out=3, n_population=6, seed=2)
+    plain = mia.pooled_leave_one_out(shadow, _counting_attack, **args)
+    even = mia.pooled_leave_one_out(shadow, _counting_attack, equal_in_out=True, **args)
+    assert torch.equal(even["in - out"].scores, torch.zeros(len(even["in - out"].scores)))
+    n_target = 60 - 6
+    assert torch.equal(even["models"].scores[:n_target], torch.full((n_target,), 8.0))  # targets unchanged
+    assert torch.equal(even["models"].scores[n_target:], torch.full((3 * n_target,), 6.0))  # K - 2 models
+    for name in plain:  # the same populations, rows, members and examples
+        assert torch.equal(plain[name].members, even[name].members)
+        assert torch.equal(plain[name].examples, even[name].examples)
+
+
+def test_equal_in_out_matches_a_per_example_hand_computation():
+    shadow, target, _ = _synthetic_shadow(n_models=8, n=30, spread=1.0, seed=4)
+    lira = lambda s, l, p: {"lira": mia.lira_scores(s, l)}  # noqa: E731
+    even = mia.pooled_leave_one_out(shadow, lira, n_leave_one_out=2, equal_in_out=True)["lira"]
+    for t in range(2):
+        for n in range(30):
+            others = [k for k in range(8) if k != t]
+            dropped = next(k for k in others if shadow.keep[k, n] != shadow.keep[t, n])
+            rest = [k for k in others if k != dropped]
+            alone = mia.lira_scores(mia.ShadowSignals(shadow.logits[rest], shadow.keep[rest], shadow.labels),
+                                    shadow.logits[t])
+            assert even.scores[30 * t + n] == alone[n]
+
+
+@pytest.mark.parametrize("keep_fix, kwargs, error, message", [
+    (None, {"equal_in_out": "yes"}, TypeError, "equal_in_out must be a bool"),
+    ("unbalanced", {"equal_in_out": True}, ValueError, "equal_in_out needs an even number"),
+    ("odd", {"equal_in_out": True}, ValueError, r"got 5 models"),
+])
+def test_equal_in_out_bad_inputs(keep_fix, kwargs, error, message):
+    shadow, _, _ = _synthetic_shadow(n_models=6, n=40)
+    if keep_fix == "unbalanced":
+        keep = shadow.keep.clone()
+        keep[0, 0] = ~keep[0, 0]  # example 0 is IN in 2 or 4 of the 6 models
+        shadow = mia.ShadowSignals(shadow.logits, keep, shadow.labels)
+    elif keep_fix == "odd":
+        shadow = mia.ShadowSignals(shadow.logits[:5], mia.balanced_keep(5, 40), shadow.labels)
+    with pytest.raises(error, match=message):
+        mia.pooled_leave_one_out(shadow, _counting_attack, n_leave_one_out=2, **kwargs)
+    mia.pooled_leave_one_out(shadow, _counting_attack, n_leave_one_out=2)  # fine without it
