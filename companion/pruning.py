@@ -8,8 +8,13 @@ The three methods differ only in how they score a weight and whether they fix up
   calibration tokens; compared within each output row ``i``; no weight update.
 - **SparseGPT** (Frantar & Alistarh 2023): the layer-wise reconstruction problem
   ``min ||W X - W' X||^2`` solved column by column with Optimal Brain Surgeon updates using the
-  inverse Hessian ``H^{-1}``, ``H = 2 X X^T + lambda I``; the mask is chosen per block of columns by
-  ``w^2 / [H^{-1}]_{jj}^2`` (their Eq. 3 and Algorithm 1).
+  inverse Hessian ``H^{-1}``, ``H = 2 X X^T + lambda I``; the mask is chosen per block of 128 columns,
+  over all rows of the block together, by ``w^2 / [H^{-1}]_{jj}^2`` (their Eq. 3 and Algorithm 1).
+- **A fixed mask, then SparseGPT's update** (``"wanda+obs"``, ``"magnitude+obs"``): the Wanda or
+  magnitude mask, chosen once per layer, followed by SparseGPT's OBS weight update with that mask held
+  fixed. This is the weight-update ablation of Sun et al. (2023, Sec. 5; ``ablate_wanda_seq`` and
+  ``ablate_mag_seq`` in their repository): it separates what SparseGPT's mask brings from what its
+  update brings.
 
 Each method is one entry of :data:`METHODS` (:func:`register_method`): a scoring function, or an
 update function that also repairs the survivors, and the calibration statistic it reads; :func:`prune`
@@ -167,18 +172,29 @@ def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Ten
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
-                    nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01
-                    ) -> torch.Tensor:
+                    nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
     """SparseGPT on one ``[out, in]`` weight with Hessian ``H = X X^T`` (``[in, in]``); returns the
     pruned and updated weight (Frantar & Alistarh 2023, Algorithm 1).
 
-    Columns are processed left to right in blocks. In each block the mask keeps, per row, the weights
-    with the largest ``w^2 / [H^-1]_jj^2`` (or the N:M best); each pruned weight's error is spread
-    over the not-yet-processed columns through the Cholesky factor of ``H^-1`` (the OBS update).
+    Columns are processed left to right in blocks of ``blocksize``. Unstructured, each block's mask
+    is chosen over the whole block, all rows together: one threshold on the ``out x blocksize``
+    saliencies ``w^2 / [H^-1]_jj^2`` removes the ``sparsity`` fraction of them, so rows may lose
+    different numbers of weights (as in the official code). N:M: within each row's groups of M
+    columns, the N largest saliencies are kept. Each pruned weight's error is then spread over the
+    not-yet-processed columns through the Cholesky factor of ``H^-1`` (the OBS update).
+
+    ``keep``: a bool mask of the weight's shape (True = keep), fixed beforehand. SparseGPT then does
+    only its OBS update with this mask (``sparsity`` and ``nm`` choose nothing): the weight-update
+    ablation of Sun et al. (2023, Sec. 5; ``fasterprune(mask=...)`` in the Wanda repository).
     """
     _check_sparsity(sparsity)
     check_tensor("weight", weight, ndim=2, kind="float", finite=True, nonempty=True)
     check_tensor("hessian", hessian, ndim=2, kind="float", finite=True)
+    if keep is not None:
+        check_tensor("keep", keep, kind="bool")
+        if keep.shape != weight.shape:
+            raise ValueError(f"keep must have the weight's shape {list(weight.shape)}, got {list(keep.shape)}")
     if nm is not None:
         if not isinstance(nm, tuple) or len(nm) != 2:
             raise TypeError(f"nm must be None or an (N, M) tuple, got {nm!r}")
@@ -206,7 +222,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[start:end, start:end]
-        if nm is None:
+        if keep is not None:
+            prune_mask = ~keep[:, start:end].to(W1.device)
+        elif nm is None:
             saliency = W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2
             threshold = torch.sort(saliency.flatten())[0][int(saliency.numel() * sparsity)] \
                 if sparsity > 0 else -1.0
@@ -216,7 +234,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         for i in range(end - start):
             w = W1[:, i]
             d = Hinv1[i, i]
-            if nm is not None and i % nm[1] == 0:
+            if keep is None and nm is not None and i % nm[1] == 0:
                 group = W1[:, i: i + nm[1]] ** 2 / torch.diag(Hinv1)[i: i + nm[1]].reshape(1, -1) ** 2
                 prune_mask[:, i: i + nm[1]] = ~nm_mask(group, nm[0], nm[1])
             q = w.clone()
@@ -290,7 +308,7 @@ class PruningMethod:
         return weight * keep
 
 
-#: Every method :func:`prune` knows, by name (in the order the chapter compares them).
+#: Every method :func:`prune` knows, by name: the chapter's three, then the two weight-update ablations.
 METHODS: dict[str, PruningMethod] = {}
 
 
@@ -305,9 +323,31 @@ def register_method(name: str, score=None, *, update=None, statistic: str | None
     return method
 
 
+def fixed_mask_then_update(score):
+    """An ``update`` for :func:`register_method`: choose the mask with ``score`` (per output row, or
+    N:M), once for the whole layer, then run SparseGPT's OBS update with that mask fixed
+    (:func:`sparsegpt_prune` with ``keep``). The weight-update ablation of Sun et al. (2023, Sec. 5;
+    ``ablate_wanda_seq`` / ``ablate_mag_seq`` in their repository, whose magnitude mask is per layer).
+
+    ``score(weight, statistic)`` receives the diagonal of the Hessian, ``2 ||X_j||^2 / n``: Wanda's
+    ``||X_j||^2`` up to one positive factor, so Wanda's ranking is unchanged."""
+    if not callable(score):
+        raise TypeError(f"score must be a function, got {type(score).__name__}")
+
+    def update(weight, hessian, sparsity, nm):
+        check_tensor("hessian", hessian, ndim=2, kind="float", finite=True)
+        scores = score(weight, torch.diag(hessian))
+        keep = nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
+        return sparsegpt_prune(weight, hessian, sparsity, nm, keep=keep)
+
+    return update
+
+
 register_method("magnitude", magnitude_scores)
 register_method("wanda", wanda_scores, statistic="input_sq_norm")
 register_method("sparsegpt", update=sparsegpt_prune, statistic="hessian")
+register_method("wanda+obs", update=fixed_mask_then_update(wanda_scores), statistic="hessian")
+register_method("magnitude+obs", update=fixed_mask_then_update(magnitude_scores), statistic="hessian")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,8 +422,9 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
 
     Args:
         model: any HF causal LM (Llama-style ``nn.Linear`` or GPT-2 ``Conv1D`` layers).
-        method: a name in :data:`METHODS`: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"``, or one added
-            with :func:`register_method`.
+        method: a name in :data:`METHODS`: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"``, the ablations
+            ``"wanda+obs"`` and ``"magnitude+obs"`` (:func:`fixed_mask_then_update`), or one added with
+            :func:`register_method`.
         sparsity: the fraction of weights removed (unstructured); ignored for an N:M pattern,
             whose sparsity is ``1 - N/M``.
         pattern: ``None`` (unstructured) or ``"N:M"``, e.g. ``"2:4"``.
@@ -537,15 +578,18 @@ def input_feature_norms(model: nn.Module, calib: torch.Tensor) -> dict[str, torc
     return {key: value.sqrt() for key, value in sums.items()}
 
 
-def _check_outlier_args(model, channels, alpha) -> None:
-    """``channels`` in ``[1, hidden size]`` and a finite ``alpha > 0`` (NaN would be written into the weights)."""
+def _check_outlier_args(model, channels, alpha, which) -> None:
+    """``channels`` in ``[1, hidden size]``, a finite ``alpha > 0`` (NaN would be written into the weights)
+    and ``which`` one of ``"most"`` / ``"least"``."""
+    check_choice("which", which, ("most", "least"))
     check_positive_float("alpha", alpha)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     check_int("channels", channels, minimum=1, maximum=hidden if isinstance(hidden, int) else None)
 
 
 @torch.no_grad()
-def plant_outlier_channels(model: nn.Module, channels: int = 8, alpha: float = 20.0) -> list[list[int]]:
+def plant_outlier_channels(model: nn.Module, channels: int = 8, alpha: float = 20.0,
+                           which: str = "most") -> list[list[int]]:
     """A constructed, function-preserving change that gives a Llama-style model LLM-like outlier features.
 
     In every decoder block, for each RMSNorm (``input_layernorm``, ``post_attention_layernorm``) we take
@@ -555,9 +599,11 @@ def plant_outlier_channels(model: nn.Module, channels: int = 8, alpha: float = 2
     function, but the chosen input features are now ``alpha`` times larger and their weights ``alpha``
     times smaller: the signature of the outlier features of large LLMs (Dettmers et al. 2022). Magnitude
     pruning then removes the shrunken, important weights; Wanda's ``|W| * ||X||`` does not change.
-    Returns the chosen channels per norm. Needs Llama's module names.
+    ``which="least"`` plants on the ``channels`` least important channels instead (a control: the same
+    rescaling where it should matter little). Returns the chosen channels per norm. Needs Llama's
+    module names.
     """
-    _check_outlier_args(model, channels, alpha)
+    _check_outlier_args(model, channels, alpha, which)
     readers = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
     chosen = []
@@ -569,7 +615,7 @@ def plant_outlier_channels(model: nn.Module, channels: int = 8, alpha: float = 2
                                  f"post_attention_layernorm, q/k/v/gate/up projections); got {type(block).__name__}")
             linears = [block.get_submodule(name) for name in linear_names]
             importance = norm.weight.abs() * sum(layer.weight.norm(dim=0) for layer in linears)
-            picked = importance.topk(channels).indices
+            picked = importance.topk(channels, largest=which == "most").indices
             norm.weight[picked] *= alpha
             for layer in linears:
                 layer.weight[:, picked] /= alpha
