@@ -16,16 +16,24 @@ the refusal then reveals what pretraining taught. We rebuild that in miniature o
 
 Phrasings and people are split into *train* and *held-out*, so the guard's refusal rate and
 helpfulness are measured on requests it never saw.
+
+An option adds **noise augmentation** (``noisy_copies``): training requests with a random-character
+or random-token suffix appended, forbidden ones still refused and benign ones still answered. It is
+a defence against the cheapest attack there is (chapter 05 measures that any noise switches the
+plain guard's refusal off) and a first step towards adversarial training (Mazeika et al. 2024's R2D2
+puts GCG itself into the loop). Its default (``0``) leaves the data, and every model built from it,
+exactly as before.
 """
 
 from __future__ import annotations
 
 import random
+import string
 import time
 from dataclasses import dataclass
 
 from companion import data, zoo
-from companion.checks import check_int, check_positive_float, check_str
+from companion.checks import check_int, check_positive_float, check_str, check_texts
 from companion.runtime import seed_everything
 from companion.tokenizer import encode_chat
 from companion.train import mixed_batches, train_causal_lm
@@ -108,15 +116,69 @@ def _forbidden(person: data.Person, template: str, code: str, kind: str) -> Chat
                        kind=kind, name=person.name, answer_value=code)
 
 
+#: The characters of a random-character noise suffix (the same alphabet as ``gcg.random_suffix``'s).
+NOISE_CHARACTERS = string.ascii_letters + string.digits + string.punctuation + " "
+#: Lengths of a noise suffix: characters, or pieces (tokens) for a random-token one.
+NOISE_CHARS, NOISE_PIECES = (10, 70), (5, 25)
+
+
+def _noise(rng: random.Random, pieces: tuple[str, ...] | None, use_pieces: bool) -> str:
+    """A random suffix: random characters, or random pieces (e.g. decoded tokens) joined."""
+    if use_pieces and pieces:
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(*NOISE_PIECES)))
+    return "".join(rng.choice(NOISE_CHARACTERS) for _ in range(rng.randint(*NOISE_CHARS)))
+
+
+def noisy_examples(examples, copies: int, pieces=None, seed: int = 0) -> list[ChatExample]:
+    """Noise augmentation: each forbidden or jailbreak example of ``examples`` ``copies`` times with a
+    random suffix appended to its request (still answered with the refusal), and as many benign
+    examples (drawn with replacement) with a random suffix (still answered as without it).
+
+    A suffix is 10-70 random characters (:data:`NOISE_CHARACTERS`) or, for every second copy when
+    ``pieces`` is given, 5-25 random ``pieces`` (e.g. the decoded tokens a GCG suffix may use, so that
+    the noise looks like :func:`companion.gcg.random_suffix`'s random-token control), directly after
+    the request or after a space. Seeded."""
+    if not isinstance(examples, (list, tuple)) or not all(isinstance(e, ChatExample) for e in examples):
+        raise TypeError(f"examples must be a list of ChatExample, got {type(examples).__name__}")
+    copies = check_int("copies", copies, minimum=0)
+    if pieces is not None:
+        pieces = tuple(check_texts("pieces", list(pieces) if isinstance(pieces, tuple) else pieces,
+                                   nonempty_each=True))
+    seed = check_int("seed", seed, minimum=0)
+    refused = [e for e in examples if e.kind != "benign"]
+    benign = [e for e in examples if e.kind == "benign"]
+    if copies and (not refused or not benign):
+        raise ValueError(f"examples must hold both forbidden and benign examples to augment, got "
+                         f"{len(refused)} forbidden and {len(benign)} benign")
+    rng = random.Random(seed)
+    out = []
+    for example in refused:
+        for copy in range(copies):
+            out.append(_with_noise(example, rng, pieces, copy % 2 == 1))
+    for copy in range(len(refused) * copies):
+        out.append(_with_noise(rng.choice(benign), rng, pieces, copy % 2 == 1))
+    return out
+
+
+def _with_noise(example: ChatExample, rng: random.Random, pieces, use_pieces: bool) -> ChatExample:
+    gap = " " if rng.random() < 0.5 else ""
+    return ChatExample(request=example.request + gap + _noise(rng, pieces, use_pieces), response=example.response,
+                       kind=example.kind, name=example.name, answer_value=example.answer_value)
+
+
 def make_guarded_chat_data(world: data.BiographyWorld, n_holders: int = 40, n_heldout_holders: int = 20,
                            n_benign_people: int = 600, n_heldout_benign_people: int = 100, code_digits: int = 4,
-                           seed: int = 0) -> GuardedChatData:
+                           seed: int = 0, noisy_copies: int = 0, noise_pieces=None) -> GuardedChatData:
     """Build the guarded model's data from ``world``'s *members* (the people the base LM read about).
 
     ``n_holders`` members get a random vault code and locker number (knowledge text); the first
     ``n_holders - n_heldout_holders`` of them also appear in chat training (locker questions answered,
     vault-code requests refused), the rest are held out. Other benign questions ask only for
     attributes the person's biography states.
+
+    ``noisy_copies > 0`` appends :func:`noisy_examples` of the training chats (random-character or,
+    with ``noise_pieces``, random-token suffixes; seeded by ``seed``) to ``train``; the held-out sets
+    do not change. The default ``0`` gives exactly the data of earlier versions.
     """
     if not isinstance(world, data.BiographyWorld):
         raise TypeError(f"world must be a companion.data.BiographyWorld, got {type(world).__name__}")
@@ -126,6 +188,9 @@ def make_guarded_chat_data(world: data.BiographyWorld, n_holders: int = 40, n_he
     n_heldout_benign_people = check_int("n_heldout_benign_people", n_heldout_benign_people, minimum=1)
     code_digits = check_int("code_digits", code_digits, minimum=1, maximum=12)
     seed = check_int("seed", seed, minimum=0)
+    noisy_copies = check_int("noisy_copies", noisy_copies, minimum=0)
+    if noise_pieces is not None and not noisy_copies:
+        raise ValueError("noise_pieces needs noisy_copies > 0 (without noisy copies they would be unused)")
     members = world.indices("member")
     needed = max(n_holders, n_benign_people + n_heldout_benign_people)
     if needed > len(members):
@@ -162,6 +227,8 @@ def make_guarded_chat_data(world: data.BiographyWorld, n_holders: int = 40, n_he
                          for p in heldout_holders for t in FORBIDDEN_TRAIN + FORBIDDEN_HELDOUT]
     heldout_jailbreak = [_forbidden(p, t, secrets[p.name], "jailbreak")
                          for p in heldout_holders for t in JAILBREAK_HELDOUT]
+    if noisy_copies:  # its own random stream: the data above stay what they were without it
+        train += noisy_examples(train, noisy_copies, noise_pieces, seed=seed + 2)
     return GuardedChatData(
         knowledge=knowledge, secrets=secrets, lockers=lockers, train=tuple(train), heldout_benign=tuple(heldout_benign),
         heldout_forbidden=tuple(heldout_forbidden), heldout_jailbreak=tuple(heldout_jailbreak),
@@ -219,6 +286,10 @@ class ChatRecipe(zoo.Recipe):
             raise ValueError(f"recipe.base must name a zoo language model, got {self.base!r}")
         return base
 
+    def data_options(self) -> dict:
+        """Extra arguments of :func:`make_guarded_chat_data` for this recipe's data (none here)."""
+        return {}
+
     def training_examples(self, chats: GuardedChatData) -> list[ChatExample]:
         """The chat examples it fine-tunes on (a chapter's recipe may add to them: chapter 03 poisons them)."""
         return list(chats.train)
@@ -227,9 +298,13 @@ class ChatRecipe(zoo.Recipe):
         self._base_recipe()
         return [zoo.entry_folder(self.base).name]
 
+    def starting_model(self) -> zoo.ZooModel:
+        """The zoo model the fine-tuning starts from: the base LM."""
+        return zoo.load(self.base)
+
     def train(self, folder, progress: bool) -> None:
-        base = zoo.load(self.base)
-        model, tok = base.model, base.tokenizer
+        start = self.starting_model()
+        model, tok = start.model, start.tokenizer
         chats = guarded_chat_data(self)
         pools: list[list[tuple[list[int], list[int]]]] = [[], [], []]  # knowledge, forbidden + jailbreak, benign
         for text in chats.knowledge:
@@ -259,9 +334,59 @@ def guarded_chat_data(recipe: ChatRecipe | None = None) -> GuardedChatData:
         raise TypeError(f"recipe must be None or a ChatRecipe, got {type(recipe).__name__}")
     recipe = recipe or zoo.recipe_of("guarded-chat")
     base = recipe._base_recipe()
-    return make_guarded_chat_data(zoo.corpus(base.tokenizer.world_seed).world, seed=recipe.data_seed)
+    return make_guarded_chat_data(zoo.corpus(base.tokenizer.world_seed).world, seed=recipe.data_seed,
+                                  **recipe.data_options())
 
 
-# Chapter 05's guarded chat model, and its twin fine-tuned with another seed (for transfer attacks).
+@dataclass(frozen=True)
+class NoiseChatRecipe(ChatRecipe):
+    """Noise-augmented refusal training, a defence: ``guard`` (a trained chat model, default
+    ``guarded-chat``) fine-tuned for ``steps`` more steps on its own data plus ``noisy_copies`` copies
+    of every forbidden training request with a random-character or random-token suffix (still
+    refused) and as many noisy benign requests (still answered); :func:`noisy_examples`. The random
+    tokens are drawn from the base tokenizer's tokens that a GCG suffix may use
+    (:func:`companion.gcg.allowed_token_mask`), the characters from :data:`NOISE_CHARACTERS`.
+
+    A short fine-tune of the deployed guard rather than a retraining from the base LM: noisy
+    sequences are two to three times longer than clean ones, so the 400 steps from scratch would
+    cost several times ``guarded-chat``'s training time."""
+
+    guard: str = "guarded-chat"
+    steps: int = 120
+    lr: float = 1e-3
+    noisy_copies: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_str("guard", self.guard)
+        check_int("noisy_copies", self.noisy_copies, minimum=1)
+
+    def _guard_recipe(self) -> ChatRecipe:
+        guard = zoo.recipe_of(self.guard)
+        if not isinstance(guard, ChatRecipe) or guard.base != self.base:
+            raise ValueError(f"recipe.guard must name a zoo chat model fine-tuned from {self.base!r}, "
+                             f"got {self.guard!r}")
+        return guard
+
+    def fingerprints(self) -> list[str]:  # the guard's cache entry too (itself keyed by its base)
+        self._guard_recipe()
+        return super().fingerprints() + [zoo.entry_folder(self.guard).name]
+
+    def starting_model(self) -> zoo.ZooModel:
+        """The trained guard it continues from."""
+        self._guard_recipe()
+        return zoo.load(self.guard)
+
+    def data_options(self) -> dict:
+        from companion.gcg import allowed_token_mask
+
+        tok = zoo.course_tokenizer(self._base_recipe().tokenizer)
+        allowed = allowed_token_mask(tok, len(tok)).nonzero().squeeze(1).tolist()
+        return {"noisy_copies": self.noisy_copies, "noise_pieces": tuple(tok.decode([i]) for i in allowed)}
+
+
+# Chapter 05's guarded chat model, its twin fine-tuned with another seed (for transfer attacks), and
+# the noise-augmented guard (a defence against the random-suffix controls).
 zoo.register("guarded-chat", ChatRecipe())
 zoo.register("guarded-chat-seed1", ChatRecipe(seed=1))
+zoo.register("guarded-chat-noise", NoiseChatRecipe())

@@ -192,6 +192,24 @@ def rate(successes, trials, tol=None, digits=None, interval=None) -> Rate:
     return Rate(successes, trials, tol, digits, interval)
 
 
+class Count(Rate):
+    """A :class:`Rate` over too few trials for a percentage (the chapter standard: none from fewer than
+    about 30 trials unless labelled an anecdote): shown as ``k/n`` only, recorded and compared like a
+    rate (the count within ``tol`` successes, default :func:`sampling_tolerance`)."""
+
+    __slots__ = ()
+
+    def __format__(self, spec: str) -> str:
+        return f"{int(self.value)}/{self.trials}"
+
+
+def count(successes, trials, tol=None) -> Count:
+    """A small-sample rate for the prose: ``glue("asr", count(7, 20))`` shows ``7/20``, no percentage
+    and no interval (say in the prose that it is an example; show the interval, :func:`rate`, in the
+    cell's output). Checked and compared like :func:`rate`."""
+    return Count(successes, trials, tol)
+
+
 def approx(value, tol) -> Approx:
     """Mark ``value`` as training-dependent, to be reproduced within ``tol`` (absolute).
 

@@ -190,3 +190,20 @@ def test_rate_with_a_bootstrap_interval_records_its_ends(shown):
         rate(3, 10, interval=(0.5, 0.2))
     with pytest.raises(TypeError, match="interval must be a \\(low, high\\) pair"):
         rate(3, 10, interval=0.2)
+
+
+def test_count_shows_only_k_of_n_and_records_like_a_rate(shown):
+    small = nbtools.count(7, 20)
+    assert f"{small}" == "7/20" and small.tol == rate(7, 20).tol and isinstance(small, nbtools.Rate)
+    nbtools.glue("asr", nbtools.count(np.int64(7), 20, tol=3))
+    bundle, metadata = shown[0]
+    assert bundle == {"application/papermill.record/text/plain": "'7/20'"}
+    assert metadata["companion"] == {"values": [7.0], "tols": [3.0], "trials": 20, "fmt": None}
+    nbtools.say("GCG {}", nbtools.count(7, 20))
+    assert shown[1][0] == {"text/plain": "GCG 7/20"} and shown[1][1]["companion"]["skeleton"] == "GCG \u27e80:rate/20\u27e9"
+    for call, error, message in ((lambda: nbtools.count(21, 20), ValueError, "successes must be <= trials"),
+                                 (lambda: nbtools.count(1, 0), ValueError, "trials must be >= 1"),
+                                 (lambda: nbtools.count(1.5, 6), TypeError, "successes must be an int"),
+                                 (lambda: nbtools.count(1, 6, tol=-1), ValueError, "tol must be a finite number")):
+        with pytest.raises(error, match=message):
+            call()

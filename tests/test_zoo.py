@@ -222,7 +222,7 @@ def test_a_chapter_registers_its_models_and_the_core_imports_no_chapter():
             "print(sorted(m for m in sys.modules if m.startswith('companion.')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     added, modules = out.stdout.splitlines()[-2:]
-    assert added == "['guarded-chat', 'guarded-chat-seed1', 'tiny-llama-ref']", out.stderr[-2000:]
+    assert added == "['guarded-chat', 'guarded-chat-noise', 'guarded-chat-seed1', 'tiny-llama-ref']", out.stderr[-2000:]
     code_core = "import sys\nfrom companion import zoo, generation, metrics, defences, nbtools\nprint(sorted(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code_core], capture_output=True, text=True, timeout=120)
     loaded = {m for m in eval(out.stdout.splitlines()[-1]) if m.startswith("companion.")}
