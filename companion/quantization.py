@@ -773,13 +773,9 @@ def convert(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def window_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float:
-    """``exp`` of the mean next-token NLL over token windows ``[n, T]`` (all tokens real; cut long text
-    with ``train.stream_windows`` so that ``T`` stays within the context the model was trained on, which a
-    zoo model records as ``config.trained_context``). Non-overlapping windows in the training format:
-    each window's first tokens are predicted from a short prefix, as in training; cheaper than
-    ``metrics.perplexity``'s sliding windows, which give every token a long prefix."""
+def _check_windows(model, windows, batch_size) -> None:
+    """The arguments of :func:`window_perplexity` and :func:`window_nll`: token windows ``[n, T]`` of at
+    least 2 ids the model knows, no longer than the context it was trained on, and a batch size >= 1."""
     check_module("model", model)
     check_tensor("windows", windows, ndim=2, kind="int", nonempty=True)
     if windows.shape[1] < 2:
@@ -790,6 +786,16 @@ def window_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int =
     if isinstance(trained, int) and windows.shape[1] > trained:
         raise ValueError(f"windows have {windows.shape[1]} tokens, more than the {trained} the model was trained on "
                          "(config.trained_context): cut them shorter")
+
+
+@torch.no_grad()
+def window_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float:
+    """``exp`` of the mean next-token NLL over token windows ``[n, T]`` (all tokens real; cut long text
+    with ``train.stream_windows`` so that ``T`` stays within the context the model was trained on, which a
+    zoo model records as ``config.trained_context``). Non-overlapping windows in the training format:
+    each window's first tokens are predicted from a short prefix, as in training; cheaper than
+    ``metrics.perplexity``'s sliding windows, which give every token a long prefix."""
+    _check_windows(model, windows, batch_size)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -808,16 +814,7 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) ->
     """Summed next-token NLL of each window ``[n, T]`` (float64, ``[n]``), with the checks of
     :func:`window_perplexity`: ``exp(window_nll(...).sum() / (n * (T - 1)))`` is that perplexity. The
     per-window values are what :func:`paired_perplexity_difference` resamples."""
-    check_module("model", model)
-    check_tensor("windows", windows, ndim=2, kind="int", nonempty=True)
-    if windows.shape[1] < 2:
-        raise ValueError(f"windows must have at least 2 tokens each, got shape {tuple(windows.shape)}")
-    check_token_ids("windows", windows, model)
-    check_int("batch_size", batch_size, minimum=1)
-    trained = getattr(getattr(model, "config", None), "trained_context", None)
-    if isinstance(trained, int) and windows.shape[1] > trained:
-        raise ValueError(f"windows have {windows.shape[1]} tokens, more than the {trained} the model was trained on "
-                         "(config.trained_context): cut them shorter")
+    _check_windows(model, windows, batch_size)
     was_training = model.training
     model.eval()
     out = []
