@@ -107,6 +107,19 @@ def test_every_glue_reference_exists(notebook):
         assert not missing, f"{path.name}: prose references glue keys with no glued output: {missing}"
 
 
+def test_every_glue_key_is_recorded_once(notebook):
+    """myst-nb warns on a key glued twice ('glue key ... duplicate'), and the book builds with -W, so a
+    duplicate fails `make book-html` long after the unit tests passed: catch it here, in seconds."""
+    path, nb = notebook
+    seen: dict[str, int] = {}
+    for i, cell in enumerate(nb["cells"]):
+        for output in cell.get("outputs", []):
+            name = output.get("metadata", {}).get("scrapbook", {}).get("name")
+            if name:
+                assert name not in seen, f"{path.name}: glue key {name!r} recorded in cell {seen[name]} and again in cell {i}"
+                seen[name] = i
+
+
 def test_every_citation_is_in_the_bibliography(notebook):
     path, nb = notebook
     bib = (ROOT / "book" / "references.bib").read_text(encoding="utf-8")
