@@ -33,14 +33,17 @@ def _source(cell: dict) -> str:
     return "".join(source) if isinstance(source, list) else source
 
 
-def _glue_records(nb: dict) -> set[str]:
-    names = set()
-    for cell in nb["cells"]:
+def _glued_outputs(nb: dict):
+    """(cell index, key) of every glued output, in notebook order."""
+    for i, cell in enumerate(nb["cells"]):
         for output in cell.get("outputs", []):
             name = output.get("metadata", {}).get("scrapbook", {}).get("name")
             if name:
-                names.add(name)
-    return names
+                yield i, name
+
+
+def _glue_records(nb: dict) -> set[str]:
+    return {name for _, name in _glued_outputs(nb)}
 
 
 def test_there_are_notebooks():
@@ -112,12 +115,9 @@ def test_every_glue_key_is_recorded_once(notebook):
     duplicate fails `make book-html` long after the unit tests passed: catch it here, in seconds."""
     path, nb = notebook
     seen: dict[str, int] = {}
-    for i, cell in enumerate(nb["cells"]):
-        for output in cell.get("outputs", []):
-            name = output.get("metadata", {}).get("scrapbook", {}).get("name")
-            if name:
-                assert name not in seen, f"{path.name}: glue key {name!r} recorded in cell {seen[name]} and again in cell {i}"
-                seen[name] = i
+    for i, name in _glued_outputs(nb):
+        assert name not in seen, f"{path.name}: glue key {name!r} recorded in cell {seen[name]} and again in cell {i}"
+        seen[name] = i
 
 
 def test_every_citation_is_in_the_bibliography(notebook):
