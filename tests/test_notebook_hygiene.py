@@ -180,7 +180,7 @@ def test_every_glue_declares_how_it_is_checked(notebook):
         source = _source(cell)
         assert "myst_nb" not in source, f"{path.name} cell {i}: glue through companion.nbtools.glue, not myst_nb"
         for args in _calls(source, "glue"):
-            declared = re.search(r"\btol=", args) or re.search(r"^\s*f?[\"'][^\"']+[\"'],\s*(approx|rate|rate_of|varies)\(", args)
+            declared = re.search(r"\btol=", args) or re.search(r"^\s*f?[\"'][^\"']+[\"'],\s*(approx|rate|rate_of|count|count_of|varies)\(", args)
             assert declared, f"{path.name} cell {i}: glue({args[:60]}...) declares no tol= (nor glues an approx/rate/varies)"
 
 
