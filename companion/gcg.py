@@ -2,9 +2,10 @@
 
 Greedy Coordinate Gradient searches for a suffix of ``L`` tokens that, appended to a request, makes
 the model's reply start with a chosen *target* ("Sure, the vault code of X is"). Its objective is the
-target's cross-entropy under teacher forcing (Zou et al. 2023, Eq. 2)::
+target's mean cross-entropy per target token under teacher forcing (Zou et al. 2023, Eq. 2 writes the
+sum; for a fixed target of m tokens the mean has the same minimiser)::
 
-    L(s) = -sum_t log p(target_t | before, s, after, target_<t)
+    L(s) = -(1/m) sum_t log p(target_t | before, s, after, target_<t)
 
 Each step (Zou et al. 2023, Algorithm 1):
 

@@ -390,6 +390,36 @@ def test_rate_difference_matches_newcombes_worked_examples():
         (1 - math.hypot(1 - low_a, high_b), 1.0), abs=1e-9)
 
 
+def _paired(both, only_a, only_b, neither):
+    a = [1] * both + [1] * only_a + [0] * only_b + [0] * neither
+    b = [1] * both + [0] * only_a + [1] * only_b + [0] * neither
+    return a, b
+
+
+def test_paired_rate_difference_uses_the_correlation_of_the_pairs():
+    # uncorrelated pairs (phi = 0): the same interval as for two independent samples
+    a, b = _paired(14, 6, 0, 0)  # a is always 1: an empty margin, phi = 0
+    assert metrics.paired_rate_difference(a, b) == pytest.approx(metrics.rate_difference(20, 20, 14, 20))
+    a, b = _paired(1, 1, 1, 1)  # phi = 0 with every margin non-empty
+    assert metrics.paired_rate_difference(a, b) == pytest.approx(metrics.rate_difference(2, 4, 2, 4))
+    # positively correlated pairs narrow the interval; it always contains the difference
+    a, b = _paired(36, 12, 2, 6)
+    diff, low, high = metrics.paired_rate_difference(a, b)
+    ind = metrics.rate_difference(48, 56, 38, 56)
+    assert diff == pytest.approx(10 / 56) and ind[1] < low < diff < high < ind[2]
+    assert metrics.paired_rate_difference(b, a) == pytest.approx((-diff, -high, -low))
+    assert metrics.paired_rate_difference([True] * 5, [True] * 5)[0] == 0
+
+
+@pytest.mark.parametrize("a, b, match", [([1, 0], [1], "paired"), ([], [], "paired"), ([2, 0], [1, 0], "hits_a"),
+                                         ("10", [1, 0], "hits_a"), ([1, 0], [0.5, 1], "hits_b")])
+def test_paired_rate_difference_rejects_bad_outcomes(a, b, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        metrics.paired_rate_difference(a, b)
+    with pytest.raises(ValueError, match="confidence"):
+        metrics.paired_rate_difference([1, 0], [0, 1], confidence=0)
+
+
 @pytest.mark.parametrize("args, match", [((3, 2, 1, 2), "successes_a"), ((1, 2, 1, 0), "trials_b"),
                                          ((1, 2, -1, 2), "successes_b"), ((1, 2.5, 1, 2), "trials_a")])
 def test_rate_difference_rejects_bad_counts(args, match):
