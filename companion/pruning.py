@@ -14,7 +14,10 @@ The three methods differ only in how they score a weight and whether they fix up
   magnitude mask, chosen once per layer, followed by SparseGPT's OBS weight update with that mask held
   fixed. This is the weight-update ablation of Sun et al. (2023, Sec. 5; ``ablate_wanda_seq`` and
   ``ablate_mag_seq`` in their repository): it separates what SparseGPT's mask brings from what its
-  update brings.
+  update brings. ``"sparsegpt-diag"`` is a third ablation: SparseGPT with Wanda's saliency (the Hessian's
+  diagonal), chosen SparseGPT's way (per block over all rows, on the updated weights), so that against
+  ``"sparsegpt"`` only the saliency differs, and against ``"wanda+obs"`` only where and when the mask is
+  chosen.
 
 Each method is one entry of :data:`METHODS` (:func:`register_method`): a scoring function, or an
 update function that also repairs the survivors, and the calibration statistic it reads; :func:`prune`
@@ -173,7 +176,7 @@ def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Ten
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
                     nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01,
-                    keep: torch.Tensor | None = None) -> torch.Tensor:
+                    keep: torch.Tensor | None = None, saliency: str = "obs") -> torch.Tensor:
     """SparseGPT on one ``[out, in]`` weight with Hessian ``H = X X^T`` (``[in, in]``); returns the
     pruned and updated weight (Frantar & Alistarh 2023, Algorithm 1).
 
@@ -187,8 +190,15 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     ``keep``: a bool mask of the weight's shape (True = keep), fixed beforehand. SparseGPT then does
     only its OBS update with this mask (``sparsity`` and ``nm`` choose nothing): the weight-update
     ablation of Sun et al. (2023, Sec. 5; ``fasterprune(mask=...)`` in the Wanda repository).
+
+    ``saliency``: ``"obs"`` (SparseGPT's ``w^2 / [H^-1]_jj^2``, from the Cholesky factor of the damped
+    inverse) or ``"diagonal"``: ``w^2 * H_jj`` with the undamped diagonal, i.e. Wanda's score squared
+    (``H_jj`` is ``||X_j||^2`` up to one factor), chosen exactly where and how SparseGPT chooses its own
+    (per block over all rows, or N:M per row, on the already updated weights), followed by the same
+    update. Comparing the two isolates the full Hessian's part of SparseGPT's mask.
     """
     _check_sparsity(sparsity)
+    check_choice("saliency", saliency, ("obs", "diagonal"))
     check_tensor("weight", weight, ndim=2, kind="float", finite=True, nonempty=True)
     check_tensor("hessian", hessian, ndim=2, kind="float", finite=True)
     if keep is not None:
@@ -213,6 +223,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     dead = torch.diag(H) == 0  # inputs that were always zero: any weight there is free to prune
     H[dead, dead] = 1
     W[:, dead] = 0
+    diagonal = torch.diag(H).clone()  # undamped: the "diagonal" saliency's ||X_j||^2 (up to a factor)
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(columns, device=H.device, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
@@ -222,20 +233,22 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[start:end, start:end]
+        # what the saliency divides w^2 by: [H^-1]_jj^2 (OBS) or 1 / H_jj (the diagonal approximation)
+        denominator = torch.diag(Hinv1) ** 2 if saliency == "obs" else 1 / diagonal[start:end]
         if keep is not None:
             prune_mask = ~keep[:, start:end].to(W1.device)
         elif nm is None:
-            saliency = W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2
-            threshold = torch.sort(saliency.flatten())[0][int(saliency.numel() * sparsity)] \
+            scores = W1**2 / denominator.reshape(1, -1)
+            threshold = torch.sort(scores.flatten())[0][int(scores.numel() * sparsity)] \
                 if sparsity > 0 else -1.0
-            prune_mask = saliency <= threshold if sparsity > 0 else torch.zeros_like(W1, dtype=torch.bool)
+            prune_mask = scores <= threshold if sparsity > 0 else torch.zeros_like(W1, dtype=torch.bool)
         else:
             prune_mask = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(end - start):
             w = W1[:, i]
             d = Hinv1[i, i]
             if keep is None and nm is not None and i % nm[1] == 0:
-                group = W1[:, i: i + nm[1]] ** 2 / torch.diag(Hinv1)[i: i + nm[1]].reshape(1, -1) ** 2
+                group = W1[:, i: i + nm[1]] ** 2 / denominator[i: i + nm[1]].reshape(1, -1)
                 prune_mask[:, i: i + nm[1]] = ~nm_mask(group, nm[0], nm[1])
             q = w.clone()
             q[prune_mask[:, i]] = 0
@@ -308,7 +321,7 @@ class PruningMethod:
         return weight * keep
 
 
-#: Every method :func:`prune` knows, by name: the chapter's three, then the two weight-update ablations.
+#: Every method :func:`prune` knows, by name: the chapter's three, then the three weight-update ablations.
 METHODS: dict[str, PruningMethod] = {}
 
 
@@ -348,6 +361,8 @@ register_method("wanda", wanda_scores, statistic="input_sq_norm")
 register_method("sparsegpt", update=sparsegpt_prune, statistic="hessian")
 register_method("wanda+obs", update=fixed_mask_then_update(wanda_scores), statistic="hessian")
 register_method("magnitude+obs", update=fixed_mask_then_update(magnitude_scores), statistic="hessian")
+register_method("sparsegpt-diag", update=lambda weight, hessian, sparsity, nm: sparsegpt_prune(
+    weight, hessian, sparsity, nm, saliency="diagonal"), statistic="hessian")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +422,29 @@ def _block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor):
     return captured
 
 
+def _real_positions(calib: torch.Tensor, pad_token_id) -> torch.Tensor | None:
+    """``calib != pad_token_id`` per position (``None`` when every position counts)."""
+    if pad_token_id is None:
+        return None
+    pad_token_id = check_int("pad_token_id", pad_token_id, minimum=0)
+    real = calib != pad_token_id
+    if not bool(real.any()):
+        raise ValueError(f"calib holds only pad_token_id={pad_token_id}: no position to calibrate on")
+    return real
+
+
+def _drop_padding(hidden: torch.Tensor, positions: torch.Tensor | None, row: int) -> torch.Tensor:
+    """A layer's input for calibration row ``row`` (``[1, seq, features]``) as ``[tokens, features]``
+    floats, without the padded positions."""
+    x = hidden.reshape(-1, hidden.shape[-1]).float()
+    if positions is None:
+        return x
+    real = positions[row].to(x.device)
+    if x.shape[0] != real.shape[0]:
+        raise ValueError(f"a layer saw {x.shape[0]} positions for calibration row {row}, expected {real.shape[0]}")
+    return x[real]
+
+
 def _run_block(block: nn.Module, inputs):
     outputs = []
     for hidden, args, kwargs in inputs:
@@ -417,7 +455,8 @@ def _run_block(block: nn.Module, inputs):
 
 @torch.no_grad()
 def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, pattern: str | None = None,
-          calib: torch.Tensor | None = None, nsamples: int | None = None, compare: str = "row") -> PruneReport:
+          calib: torch.Tensor | None = None, nsamples: int | None = None, compare: str = "row",
+          pad_token_id: int | None = None) -> PruneReport:
     """Prune every linear layer in the model's decoder blocks, in place, and report what was done.
 
     Args:
@@ -432,6 +471,10 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
         nsamples: use only the first ``nsamples`` rows of ``calib``.
         compare: for unstructured magnitude or Wanda, compare scores within each output ``"row"``
             (Wanda's choice) or across the whole ``"layer"`` (classic magnitude pruning).
+        pad_token_id: positions of ``calib`` holding this id are left out of every statistic (Wanda's
+            norms, SparseGPT's Hessian and its token count), as an attention mask would leave them out;
+            padding at the end of a window (:func:`companion.train.pack_sequences`) does not change the
+            causal model's states before it, so this is exact. ``None``: every position counts.
     """
     check_choice("method", method, tuple(METHODS))
     chosen = METHODS[method]
@@ -447,6 +490,7 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
         _check_calib(model, calib)
         if nsamples is not None:
             calib = calib[: check_int("nsamples", nsamples, minimum=1)]
+    positions = _real_positions(calib, pad_token_id) if chosen.statistic is not None else None
     for name, layer in ((n, l) for block in blocks for n, l in block_layers(block).items()):
         if nm and weight_matrix(layer).shape[1] % nm[1]:
             raise ValueError(f"layer {name} has {weight_matrix(layer).shape[1]} inputs, not divisible by M={nm[1]}")
@@ -462,12 +506,13 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
         totals, tokens = {}, {}
         if inputs is not None:  # one pass through the block: each layer's inputs, summed into its statistic
             per_batch, finish = STATISTICS[chosen.statistic]
-            handles = []
+            handles, calls = [], {}
             for name, layer in layers.items():
-                tokens[name] = 0
+                tokens[name], calls[name] = 0, 0
 
                 def collect(module, args, output, name=name):
-                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    x = _drop_padding(args[0], positions, calls[name])
+                    calls[name] += 1
                     value = per_batch(x)
                     totals[name] = value if name not in totals else totals[name] + value
                     tokens[name] += x.shape[0]
@@ -554,23 +599,28 @@ def to_semi_structured(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def input_feature_norms(model: nn.Module, calib: torch.Tensor) -> dict[str, torch.Tensor]:
+def input_feature_norms(model: nn.Module, calib: torch.Tensor, pad_token_id: int | None = None
+                        ) -> dict[str, torch.Tensor]:
     """``||X_j||_2`` over all calibration tokens for every input feature of every prunable layer in the
-    decoder blocks (of the model as it is, without pruning): Wanda's activation factor."""
+    decoder blocks (of the model as it is, without pruning): Wanda's activation factor. Positions holding
+    ``pad_token_id`` are left out, as in :func:`prune`."""
     decoder_blocks(model)  # a clear error for something that is not a decoder model
     _check_calib(model, calib)
+    positions = _real_positions(calib, pad_token_id)
+    current = [0]
     sums, handles = {}, []
     for index, block in enumerate(decoder_blocks(model)):
         for name, layer in block_layers(block).items():
             key = f"block{index}.{name}"
 
             def collect(module, args, output, key=key):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                x = _drop_padding(args[0], positions, current[0])
                 sums[key] = sums.get(key, 0) + (x**2).sum(0)
 
             handles.append(layer.register_forward_hook(collect))
     try:
-        for row in calib:
+        for index, row in enumerate(calib):
+            current[0] = index
             model(input_ids=row.unsqueeze(0))
     finally:
         for handle in handles:

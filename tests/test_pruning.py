@@ -76,7 +76,7 @@ def test_prune_reaches_the_requested_sparsity_on_both_architectures(tiny_lm, met
                 n, m = pruning.parse_pattern(pattern)
                 assert pruning.is_nm_sparse(W, n, m)
             else:
-                assert ((W == 0).sum(1) >= int(0.5 * W.shape[1]) - 1).all() or method == "sparsegpt"
+                assert ((W == 0).sum(1) >= int(0.5 * W.shape[1]) - 1).all() or method in ("sparsegpt", "sparsegpt-diag")
     assert pruning.sparsity_report(model)["overall"] == pytest.approx(0.5, abs=0.02)
     # embeddings and the LM head stay dense
     assert (model.get_input_embeddings().weight != 0).float().mean() > 0.99
@@ -283,7 +283,7 @@ def test_a_new_method_is_one_scoring_function(tiny_lm, monkeypatch):
 
     pruning.register_method("squared-wanda", squared_wanda, statistic="input_sq_norm")
     assert list(pruning.METHODS) == ["magnitude", "wanda", "sparsegpt", "wanda+obs", "magnitude+obs",
-                                     "squared-wanda"]
+                                     "sparsegpt-diag", "squared-wanda"]
     model, tok = tiny_lm
     calib = _calib(tok)
     toy, wanda = copy.deepcopy(model), copy.deepcopy(model)
@@ -561,3 +561,87 @@ def test_planting_on_the_least_important_channels(small_tokenizer):
     assert picked_most[0] == sorted(importance.argsort()[-3:].tolist())
     with torch.no_grad():
         assert torch.allclose(model(input_ids=calib).logits, least(input_ids=calib).logits, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- review s10: diagonal saliency, padding
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_diagonal_saliency_is_sparsegpt_when_the_hessian_is_diagonal(nm):
+    """Undamped, a diagonal H has a Cholesky factor of H^-1 with squared diagonal 1 / H_jj, so OBS's
+    w^2 / [H^-1]_jj^2 is w^2 H_jj: both saliencies agree, and nothing is updated (no correlations)."""
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    H = torch.diag(torch.rand(16, generator=g, dtype=torch.float64) + 0.1)
+    diag = pruning.sparsegpt_prune(W, H, 0.5, nm=nm, percdamp=0.0, saliency="diagonal")
+    obs = pruning.sparsegpt_prune(W, H, 0.5, nm=nm, percdamp=0.0)
+    assert torch.equal(diag == 0, obs == 0)
+    assert torch.allclose(diag, obs) and torch.allclose(diag[diag != 0], W[diag != 0])
+
+
+def test_diagonal_saliency_thresholds_wanda_scores_over_the_whole_block():
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(200, 16, generator=g, dtype=torch.float64) * torch.linspace(0.3, 2, 16, dtype=torch.float64)
+    W = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    H = X.t() @ X  # correlated inputs: the update changes the survivors
+    pruned = pruning.sparsegpt_prune(W, H, 0.5, blocksize=16, saliency="diagonal")  # one block: mask chosen first
+    scores = pruning.wanda_scores(W, (X**2).sum(0)) ** 2
+    threshold = scores.flatten().sort().values[int(scores.numel() * 0.5)]
+    assert torch.equal(pruned == 0, scores <= threshold)  # one threshold over all rows, as SparseGPT's own
+    assert not torch.allclose(pruned[pruned != 0], W[pruned != 0])  # and the OBS update ran
+    rows = (pruned == 0).sum(1)
+    assert rows.min() != rows.max()  # rows lose different numbers of weights, unlike Wanda's per-row mask
+
+
+def test_sparsegpt_diag_method_prunes_like_the_function(tiny_lm):
+    model, tok = tiny_lm
+    calib = _calib(tok)
+    net = copy.deepcopy(model)
+    layer = next(iter(pruning.block_layers(pruning.decoder_blocks(net)[0]).values()))
+    W = pruning.weight_matrix(layer).detach().clone()
+    captured = []
+    handle = layer.register_forward_hook(lambda m, a, o: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for row in calib:
+            net(input_ids=row.unsqueeze(0))
+    handle.remove()
+    X = torch.cat(captured)
+    expected = pruning.sparsegpt_prune(W, 2 * X.t() @ X / len(X), 0.5, saliency="diagonal")
+    pruning.prune(net, "sparsegpt-diag", 0.5, calib=calib)
+    assert torch.allclose(pruning.weight_matrix(layer), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_padding_is_left_out_of_the_statistics(tiny_lm, method):
+    """Pads at the end of each window, left out, give exactly the statistics of the windows without them."""
+    model, tok = tiny_lm
+    calib = _calib(tok, n=4, length=24)
+    pad = 3
+    calib = calib.masked_fill(calib == pad, 11)
+    padded = torch.cat([calib, torch.full((4, 8), pad)], dim=1)
+    short, masked, unmasked = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    pruning.prune(short, method, pattern="2:4", calib=calib)
+    pruning.prune(masked, method, pattern="2:4", calib=padded, pad_token_id=pad)
+    pruning.prune(unmasked, method, pattern="2:4", calib=padded)
+    for a, b in zip(short.parameters(), masked.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(short.parameters(), unmasked.parameters()))
+    norms = pruning.input_feature_norms(model, padded, pad_token_id=pad)
+    for key, value in pruning.input_feature_norms(model, calib).items():
+        assert torch.allclose(norms[key], value, atol=1e-5)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m, c: pruning.prune(m, "wanda", calib=c, pad_token_id=-1), ValueError, "pad_token_id"),
+    (lambda m, c: pruning.prune(m, "wanda", calib=c, pad_token_id="pad"), TypeError, "pad_token_id"),
+    (lambda m, c: pruning.prune(m, "sparsegpt", calib=torch.full((2, 8), 2), pad_token_id=2), ValueError,
+     "only pad_token_id=2"),
+    (lambda m, c: pruning.input_feature_norms(m, torch.full((2, 8), 2), pad_token_id=2), ValueError,
+     "only pad_token_id=2"),
+    (lambda m, c: pruning.sparsegpt_prune(torch.rand(2, 8), torch.eye(8), 0.5, saliency="wanda"), ValueError,
+     "saliency must be one of"),
+])
+def test_bad_inputs_review_s10(tiny_lm, call, error, message):
+    model, tok = tiny_lm
+    with pytest.raises(error, match=message):
+        call(copy.deepcopy(model), _calib(tok))
