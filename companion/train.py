@@ -80,8 +80,11 @@ def pack_sequences(sequences: Sequence[Sequence[int]], length: int, pad_id: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedily pack whole short sequences (biographies) into windows of ``length``, padding the rest.
 
-    A sequence never straddles two windows, so each biography is always seen whole and from its
-    first token, as it is when we score it later. Sequences longer than ``length`` are an error.
+    A sequence never straddles two windows, so each biography is always seen whole and from its own
+    first token (``<|bos|>``); but there is no attention mask between the sequences of a window, so a
+    biography packed after others is learned after that fixed neighbour, unlike when it is scored
+    alone later (chapter 00 measures what this does to the membership signal). Sequences longer than
+    ``length`` are an error.
     """
     length = check_int("length", length, minimum=1)
     pad_id = check_int("pad_id", pad_id, minimum=0)

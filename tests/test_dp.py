@@ -194,6 +194,9 @@ def test_privacy_utility_experiment_runs_end_to_end():
     # every pooled row names its digit: each of the 1,797 digits is scored once per leave-one-out game
     assert point.examples.shape == point.members.shape
     assert (np.bincount(point.examples, minlength=1797) == 6).all()
+    # each shadow model's accuracy on its OUT digits of each half, recomputed from the held-out digits
+    assert set(point.shadow_accuracy) == {"member half", "test half"}
+    assert all(a.shape == (6,) and ((0 <= a) & (a <= 1)).all() for a in point.shadow_accuracy.values())
 
 
 # --------------------------------------------------------------------------- bad input
