@@ -310,12 +310,21 @@ def rate_difference(successes_a: int, trials_a: int, successes_b: int, trials_b:
         if k > n:
             raise ValueError(f"successes_{label} must be <= trials_{label}, got {k} > {n}")
     confidence = check_float("confidence", confidence, 0, 1, open_minimum=True, open_maximum=True)
-    low_a, high_a = rate_interval(successes_a, trials_a, confidence)
-    low_b, high_b = rate_interval(successes_b, trials_b, confidence)
-    p_a, p_b = successes_a / trials_a, successes_b / trials_b
+    return _newcombe_difference(successes_a, trials_a, successes_b, trials_b, confidence)
+
+
+def _newcombe_difference(k_a: int, n_a: int, k_b: int, n_b: int, confidence: float, phi: float = 0.0
+                         ) -> tuple[float, float, float]:
+    """Newcombe's hybrid score interval for ``k_a/n_a - k_b/n_b`` from the two Wilson intervals, with the
+    correlation ``phi`` of paired outcomes (0 for independent samples; Newcombe 1998, method 10)."""
+    low_a, high_a = rate_interval(k_a, n_a, confidence)
+    low_b, high_b = rate_interval(k_b, n_b, confidence)
+    p_a, p_b = k_a / n_a, k_b / n_b
     difference = p_a - p_b
-    low = difference - math.sqrt((p_a - low_a) ** 2 + (high_b - p_b) ** 2)
-    high = difference + math.sqrt((high_a - p_a) ** 2 + (p_b - low_b) ** 2)
+    d_low = (p_a - low_a) ** 2 - 2 * phi * (p_a - low_a) * (high_b - p_b) + (high_b - p_b) ** 2
+    d_high = (high_a - p_a) ** 2 - 2 * phi * (high_a - p_a) * (p_b - low_b) + (p_b - low_b) ** 2
+    low = difference - math.sqrt(max(d_low, 0.0))
+    high = difference + math.sqrt(max(d_high, 0.0))
     return difference, max(-1.0, low), min(1.0, high)
 
 
@@ -338,18 +347,9 @@ def paired_rate_difference(hits_a, hits_b, confidence: float = 0.95) -> tuple[fl
     n = len(a)
     both, only_a, only_b = int(np.sum(a & b)), int(np.sum(a & ~b)), int(np.sum(~a & b))
     neither = n - both - only_a - only_b
-    k_a, k_b = both + only_a, both + only_b
-    low_a, high_a = rate_interval(k_a, n, confidence)
-    low_b, high_b = rate_interval(k_b, n, confidence)
-    p_a, p_b = k_a / n, k_b / n
     margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
     phi = 0.0 if margins == 0 else (both * neither - only_a * only_b) / math.sqrt(margins)
-    difference = p_a - p_b
-    d_low = (p_a - low_a) ** 2 - 2 * phi * (p_a - low_a) * (high_b - p_b) + (high_b - p_b) ** 2
-    d_high = (high_a - p_a) ** 2 - 2 * phi * (high_a - p_a) * (p_b - low_b) + (p_b - low_b) ** 2
-    low = difference - math.sqrt(max(d_low, 0.0))
-    high = difference + math.sqrt(max(d_high, 0.0))
-    return difference, max(-1.0, low), min(1.0, high)
+    return _newcombe_difference(both + only_a, n, both + only_b, n, confidence, phi)
 
 
 @dataclass(frozen=True)
