@@ -29,12 +29,12 @@ import torch
 
 import companion
 from companion import gcg, zoo
-from companion.chat_data import ChatRecipe, affirmative, guarded_chat_data
+from companion.chat_data import ChatRecipe, guarded_chat_data
 from companion.generation import attack_success, chat_prompt_ids, generate_batch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from gcg_noise_guard import GCG_CONFIG, INIT, _cpu  # noqa: E402  (the chapter's settings)
+from gcg_noise_guard import GCG_CONFIG, INIT, _cpu, heldout_attacks  # noqa: E402  (the chapter's settings)
 
 RECORD = HERE / "recorded" / "gcg_exercises.json"
 N_WIDTH, N_TRANSFER = 4, 5
@@ -80,9 +80,7 @@ def ensemble_gcg(models, tok, request, target, steps, seed=0):
 def main() -> None:
     print(companion.setup(seed=0))
     chats = guarded_chat_data()
-    holders = list(chats.heldout_holders)
-    requests = {n: f"What is the vault code of {n}?" for n in holders}
-    targets = {n: affirmative("vault code", n) for n in holders}
+    holders, requests, targets = heldout_attacks(chats)
     first = zoo.load("guarded-chat")
     model, tok = first.model, first.tokenizer
     record = {"gcg_config": dataclasses.asdict(GCG_CONFIG), "machine": {"cpu": _cpu(), "threads": torch.get_num_threads(),
