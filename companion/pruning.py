@@ -19,6 +19,9 @@ The three methods differ only in how they score a weight and whether they fix up
   ``"sparsegpt"`` only the saliency differs, and against ``"wanda+obs"`` only where and when the mask is
   chosen.
 
+The control for all of them is :func:`random_prune`: the same layers and pattern, a seeded random
+mask, no calibration and no update (what the methods buy over chance).
+
 Each method is one entry of :data:`METHODS` (:func:`register_method`): a scoring function, or an
 update function that also repairs the survivors, and the calibration statistic it reads; :func:`prune`
 is the one driver for all of them.
@@ -401,9 +404,20 @@ def _check_calib(model, calib) -> None:
         check_tensor("calib", calib, kind="int")
 
 
+#: Calibration sequences run through the model together, in batches of this many (equal-length rows:
+#: no padding mask is needed, and a causal model's states do not depend on the other rows).
+CALIB_BATCH = 32
+
+
+def _calib_chunks(calib: torch.Tensor) -> list[slice]:
+    """The rows of ``calib`` that each forward batch holds."""
+    return [slice(start, min(start + CALIB_BATCH, len(calib))) for start in range(0, len(calib), CALIB_BATCH)]
+
+
 def _block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor):
-    """Run the model up to its first block and capture, per calibration sequence, the hidden states
-    and the keyword arguments that the block receives (masks, rotary embeddings, ...)."""
+    """Run the model up to its first block and capture, per batch of calibration sequences
+    (:func:`_calib_chunks`), the hidden states and the keyword arguments that the block receives
+    (masks, rotary embeddings, ...)."""
     captured = []
 
     def hook(module, args, kwargs):
@@ -412,9 +426,9 @@ def _block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor):
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for row in calib:
+        for rows in _calib_chunks(calib):
             try:
-                model(input_ids=row.unsqueeze(0), use_cache=False)
+                model(input_ids=calib[rows], use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -433,15 +447,16 @@ def _real_positions(calib: torch.Tensor, pad_token_id) -> torch.Tensor | None:
     return real
 
 
-def _drop_padding(hidden: torch.Tensor, positions: torch.Tensor | None, row: int) -> torch.Tensor:
-    """A layer's input for calibration row ``row`` (``[1, seq, features]``) as ``[tokens, features]``
-    floats, without the padded positions."""
+def _drop_padding(hidden: torch.Tensor, positions: torch.Tensor | None, rows: slice) -> torch.Tensor:
+    """A layer's input for the calibration rows ``rows`` (``[len(rows), seq, features]``) as
+    ``[tokens, features]`` floats, without the padded positions."""
     x = hidden.reshape(-1, hidden.shape[-1]).float()
     if positions is None:
         return x
-    real = positions[row].to(x.device)
+    real = positions[rows].reshape(-1).to(x.device)
     if x.shape[0] != real.shape[0]:
-        raise ValueError(f"a layer saw {x.shape[0]} positions for calibration row {row}, expected {real.shape[0]}")
+        raise ValueError(f"a layer saw {x.shape[0]} positions for calibration rows {rows.start}-{rows.stop - 1}, "
+                         f"expected {real.shape[0]}")
     return x[real]
 
 
@@ -491,6 +506,7 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
         if nsamples is not None:
             calib = calib[: check_int("nsamples", nsamples, minimum=1)]
     positions = _real_positions(calib, pad_token_id) if chosen.statistic is not None else None
+    chunks = None if chosen.statistic is None else _calib_chunks(calib)
     for name, layer in ((n, l) for block in blocks for n, l in block_layers(block).items()):
         if nm and weight_matrix(layer).shape[1] % nm[1]:
             raise ValueError(f"layer {name} has {weight_matrix(layer).shape[1]} inputs, not divisible by M={nm[1]}")
@@ -511,7 +527,7 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
                 tokens[name], calls[name] = 0, 0
 
                 def collect(module, args, output, name=name):
-                    x = _drop_padding(args[0], positions, calls[name])
+                    x = _drop_padding(args[0], positions, chunks[calls[name]])
                     calls[name] += 1
                     value = per_batch(x)
                     totals[name] = value if name not in totals else totals[name] + value
@@ -530,6 +546,36 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
             outputs = _run_block(block, inputs)  # the pruned block feeds the next one
             inputs = [(out, args, kwargs) for out, (_, args, kwargs) in zip(outputs, inputs)]
     model.train(was_training)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@torch.no_grad()
+def random_prune(model: nn.Module, sparsity: float = 0.5, pattern: str | None = None, seed: int = 0) -> PruneReport:
+    """The control for every method above: prune the same layers to the same pattern with a random mask.
+
+    Scores are uniform random numbers from one ``torch.Generator`` seeded with ``seed``, drawn layer
+    after layer in :func:`prune`'s order (so every layer gets its own mask, and the same seed gives the
+    same masks on any machine); they are turned into a mask exactly as a method's scores are: the
+    ``sparsity`` fraction removed in each output row (unstructured), or N of every M kept. No
+    calibration data, no weight update. In place; returns the same report as :func:`prune`."""
+    check_module("model", model)
+    nm = parse_pattern(pattern)
+    sparsity = 1 - nm[0] / nm[1] if nm else _check_sparsity(sparsity)
+    seed = check_int("seed", seed, minimum=0)
+    blocks = decoder_blocks(model)
+    for name, layer in ((n, l) for block in blocks for n, l in block_layers(block).items()):
+        if nm and weight_matrix(layer).shape[1] % nm[1]:
+            raise ValueError(f"layer {name} has {weight_matrix(layer).shape[1]} inputs, not divisible by M={nm[1]}")
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    report = PruneReport(method="random", sparsity=sparsity, pattern=pattern, nsamples=0, seconds=0.0)
+    for index, block in enumerate(blocks):
+        for name, layer in block_layers(block).items():
+            W = weight_matrix(layer)
+            scores = torch.rand(W.shape, generator=generator).to(W.device)
+            W.mul_(nm_mask(scores, *nm) if nm else row_mask(scores, sparsity))  # a view for Conv1D
+            report.layers[f"block{index}.{name}"] = float((W == 0).float().mean())
     report.seconds = time.perf_counter() - started
     return report
 
@@ -614,14 +660,14 @@ def input_feature_norms(model: nn.Module, calib: torch.Tensor, pad_token_id: int
             key = f"block{index}.{name}"
 
             def collect(module, args, output, key=key):
-                x = _drop_padding(args[0], positions, current[0])
+                x = _drop_padding(args[0], positions, current[0])  # current[0]: the rows in this batch
                 sums[key] = sums.get(key, 0) + (x**2).sum(0)
 
             handles.append(layer.register_forward_hook(collect))
     try:
-        for index, row in enumerate(calib):
-            current[0] = index
-            model(input_ids=row.unsqueeze(0))
+        for rows in _calib_chunks(calib):
+            current[0] = rows
+            model(input_ids=calib[rows])
     finally:
         for handle in handles:
             handle.remove()

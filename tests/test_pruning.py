@@ -645,3 +645,71 @@ def test_bad_inputs_review_s10(tiny_lm, call, error, message):
     model, tok = tiny_lm
     with pytest.raises(error, match=message):
         call(copy.deepcopy(model), _calib(tok))
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4", "4:8"])
+def test_random_prune_is_a_seeded_control_on_both_architectures(tiny_lm, pattern):
+    model, _ = tiny_lm
+    first, again, other = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    report = pruning.random_prune(first, 0.5, pattern, seed=0)
+    pruning.random_prune(again, 0.5, pattern, seed=0)
+    pruning.random_prune(other, 0.5, pattern, seed=1)
+    assert report.method == "random" and report.nsamples == 0
+    assert report.overall == pytest.approx(0.5, abs=0.02)
+    masks = []
+    for net in (first, again, other):
+        layers = [l for b in pruning.decoder_blocks(net) for l in pruning.block_layers(b).values()]
+        masks.append([pruning.weight_matrix(l) != 0 for l in layers])
+    for before, layer_mask, weight in zip(
+            [l for b in pruning.decoder_blocks(model) for l in pruning.block_layers(b).values()],
+            masks[0], [l for b in pruning.decoder_blocks(first) for l in pruning.block_layers(b).values()]):
+        W = pruning.weight_matrix(weight)
+        assert torch.equal(W[layer_mask], pruning.weight_matrix(before)[layer_mask])  # survivors unchanged
+        if pattern:
+            assert pruning.is_nm_sparse(W, *pruning.parse_pattern(pattern))
+        else:
+            assert ((~layer_mask).sum(1) == int(0.5 * W.shape[1])).all()  # per output row
+    assert all(torch.equal(a, b) for a, b in zip(masks[0], masks[1]))  # the seed fixes the masks
+    assert not all(torch.equal(a, b) for a, b in zip(masks[0], masks[2]))
+    same_shape = [m for m in masks[0] if m.shape == masks[0][0].shape]
+    assert len(same_shape) < 2 or not torch.equal(same_shape[0], same_shape[1])  # a mask per layer
+    # the mask does not look at the weights: it is uncorrelated with |W|
+    W = torch.cat([pruning.weight_matrix(l).flatten() for b in pruning.decoder_blocks(model)
+                   for l in pruning.block_layers(b).values()]).abs()
+    kept = torch.cat([m.flatten() for m in masks[0]])
+    assert abs(W[kept].mean() - W[~kept].mean()) < 0.1 * W.mean()
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m: pruning.random_prune(m, 1.0), ValueError, "sparsity must be in"),
+    (lambda m: pruning.random_prune(m, pattern="2-4"), ValueError, "look like 'N:M'"),
+    (lambda m: pruning.random_prune(m, pattern="3:7"), ValueError, "not divisible by M=7"),
+    (lambda m: pruning.random_prune(m, seed=-1), ValueError, "seed"),
+    (lambda m: pruning.random_prune(m, seed=0.5), TypeError, "seed"),
+    (lambda m: pruning.random_prune("model"), TypeError, "model must be a torch.nn.Module"),
+])
+def test_bad_inputs_of_random_prune(tiny_lm, call, error, message):
+    with pytest.raises(error, match=message):
+        call(copy.deepcopy(tiny_lm[0]))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibration_batches_do_not_change_the_result(tiny_lm, method, monkeypatch):
+    """Calibration rows run through the model in batches (CALIB_BATCH); where the batches split the
+    rows, and padding left out within a batch, change nothing beyond float rounding."""
+    model, tok = tiny_lm
+    calib = _calib(tok, n=7, length=24)
+    calib[:, -5:] = 3  # padding at the end of every window
+    calib[2, -9:] = 3
+    results = []
+    for batch in (32, 3, 1):
+        monkeypatch.setattr(pruning, "CALIB_BATCH", batch)
+        net = copy.deepcopy(model)
+        pruning.prune(net, method, pattern="2:4", calib=calib, pad_token_id=3)
+        norms = pruning.input_feature_norms(model, calib, pad_token_id=3)
+        results.append(([p.detach().clone() for p in net.parameters()], norms))
+    for params, norms in results[1:]:
+        for a, b in zip(results[0][0], params):
+            assert torch.allclose(a, b, atol=1e-5)
+        for key, value in results[0][1].items():
+            assert torch.allclose(norms[key], value, atol=1e-5)
