@@ -23,8 +23,10 @@ The module reads as the chapter does:
 4. **LSQ** (Esser et al. 2020, "Learned Step Size Quantization", Eqs. 1-3 and Sec. 2.2): the step ``s``
    is a parameter trained by backpropagation, its gradient scaled by ``g = 1 / sqrt(N * Q_P)``. The paper
    has one step per layer (``N`` = the layer's weights) and trains with SGD; one step per group (``N`` =
-   the group size) is our extension, and under Adam(W) a constant gradient factor such as ``g`` cancels
-   out of the update (up to ``eps``), so it only matters for SGD-like optimisers.
+   the group size) is our extension. Under Adam(W) alone a constant gradient factor such as ``g`` would
+   cancel out of the update (up to ``eps``); but ``train.train_causal_lm`` clips the *global* gradient
+   norm, and the steps' gradients count in that norm, so ``g`` changes how much the clip scales down every
+   other parameter's gradient (``benchmarks/lsq_grad_scale.py`` measures it).
 5. **Layers.** :func:`prepare_qat` swaps every linear layer of a model's decoder blocks (or of a plain
    network) for a :class:`FakeQuantLinear`; the same prepared model, not trained, *is* PTQ with
    round-to-nearest weights (static activation ranges come from :func:`calibrate_ptq`). :func:`convert`
@@ -886,22 +888,33 @@ def latency(model: nn.Module, inputs: torch.Tensor, repeats: int = 20, warmup: i
 # ---------------------------------------------------------------------------------------------
 
 
+CLEAN_BELOW = 0.5  # chapter 08's threshold: a held-out doc sharing >= half its word 12-grams is a near-copy
+
+
 @dataclass(frozen=True)
 class LMSplits:
     """Token windows for the course LM, all of ``context`` tokens (never longer than it was trained on):
     ``docs`` and ``bios`` (the training mixture, for fine-tuning), ``calib`` (training-split documentation
-    windows for PTQ calibration) and ``valid`` (the held-out documentation, for evaluation only)."""
+    windows for PTQ calibration), ``valid`` (all the held-out documentation) and ``valid_clean`` (only the
+    held-out documents that share fewer than ``CLEAN_BELOW`` of their word 12-grams with the training
+    documents: ``data.split_documents`` holds out whole documents, but some held-out topics repeat training
+    text, and calibration and fine-tuning both read the training documents). ``overlap`` is that share for
+    each held-out document (:func:`companion.data.overlap_with`). Evaluate on ``valid_clean``."""
 
     docs: tuple[torch.Tensor, torch.Tensor]
     bios: tuple[torch.Tensor, torch.Tensor]
     calib: torch.Tensor
     valid: torch.Tensor
+    valid_clean: torch.Tensor
+    overlap: tuple[float, ...]
 
 
 def lm_splits(tokenizer, context: int = 128, calib_windows: int = 32, seed: int = 0, world_seed: int = 0) -> LMSplits:
     """The documentation split of ``zoo.corpus`` cut into ``context``-token windows, the member biographies
-    packed into windows, and ``calib_windows`` training windows drawn with ``seed`` for calibration."""
-    from companion import zoo
+    packed into windows, and ``calib_windows`` training windows drawn with ``seed`` for calibration; the
+    held-out documentation both whole (``valid``) and without its near-copies of training text
+    (``valid_clean``, see :class:`LMSplits`)."""
+    from companion import data, zoo
     from companion.train import pack_sequences, stream_windows
 
     context = check_int("context", context, minimum=2)
@@ -917,8 +930,12 @@ def lm_splits(tokenizer, context: int = 128, calib_windows: int = 32, seed: int 
     docs = stream_windows(stream(source.train_docs), context)
     bios = pack_sequences([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in source.world.training_texts()],
                           context, tokenizer.pad_token_id)
+    train_texts = [d.text for d in source.train_docs]
+    overlap = tuple(data.overlap_with(train_texts, d.text) for d in source.valid_docs)
+    clean = [d for d, share in zip(source.valid_docs, overlap) if share < CLEAN_BELOW]
     return LMSplits(docs=docs, bios=bios, calib=_draw_windows(docs[0], calib_windows, seed),
-                    valid=stream_windows(stream(source.valid_docs), context)[0])
+                    valid=stream_windows(stream(source.valid_docs), context)[0],
+                    valid_clean=stream_windows(stream(clean), context)[0], overlap=overlap)
 
 
 def _draw_windows(windows: torch.Tensor, n: int, seed: int) -> torch.Tensor:

@@ -227,7 +227,8 @@ def test_lsq_steps_get_no_weight_decay(tiny_lm, monkeypatch):
 
 def test_calibration_draw_repeats_lm_splits():
     docs = torch.arange(40 * 8).reshape(40, 8)
-    splits = Q.LMSplits(docs=(docs, docs), bios=(docs, docs), calib=Q._draw_windows(docs, 4, 0), valid=docs)
+    splits = Q.LMSplits(docs=(docs, docs), bios=(docs, docs), calib=Q._draw_windows(docs, 4, 0), valid=docs,
+                       valid_clean=docs, overlap=(0.0,))
     assert torch.equal(Q.calibration_draw(splits, 0), splits.calib)  # lm_splits draws calib this way
     assert not torch.equal(Q.calibration_draw(splits, 1), splits.calib)
     assert Q.calibration_draw(splits, 1, windows=3).shape == (3, 8)
@@ -440,3 +441,20 @@ def test_window_nll_and_paired_perplexity_difference(tiny_lm):
         Q.paired_perplexity_difference(nll, nll, 0)
     with pytest.raises(TypeError, match="nll_a"):
         Q.paired_perplexity_difference([1.0], nll, 31)
+
+
+def test_lm_splits_holds_out_the_near_copies(small_tokenizer):
+    from companion import data, zoo
+
+    source = zoo.corpus()
+    # the small test tokenizer makes long biographies: windows must hold the longest whole
+    longest = max(len(small_tokenizer(t)["input_ids"]) for t in source.world.training_texts()) + 1
+    splits = Q.lm_splits(small_tokenizer, context=longest, calib_windows=4)
+    assert len(splits.overlap) == len(source.valid_docs)
+    train_texts = [d.text for d in source.train_docs]
+    first = source.valid_docs[0].text
+    assert splits.overlap[0] == data.overlap_with(train_texts, first)  # chapter 08's measure
+    clean = [o < Q.CLEAN_BELOW for o in splits.overlap]
+    assert 0 < sum(clean) < len(clean)  # the documentation split leaks a few documents
+    assert 0 < len(splits.valid_clean) < len(splits.valid)
+    assert splits.valid_clean.shape[1] == splits.valid.shape[1] == longest
