@@ -444,6 +444,9 @@ def _real_positions(calib: torch.Tensor, pad_token_id) -> torch.Tensor | None:
     real = calib != pad_token_id
     if not bool(real.any()):
         raise ValueError(f"calib holds only pad_token_id={pad_token_id}: no position to calibrate on")
+    if bool((real[:, 1:] & ~real[:, :-1]).any()):  # a real token after a pad: not tail padding
+        raise ValueError(f"calib has pad_token_id={pad_token_id} before a real token in a row: only "
+                         "padding at the end of a window is supported (no attention mask is passed)")
     return real
 
 
@@ -489,7 +492,8 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
         pad_token_id: positions of ``calib`` holding this id are left out of every statistic (Wanda's
             norms, SparseGPT's Hessian and its token count), as an attention mask would leave them out;
             padding at the end of a window (:func:`companion.train.pack_sequences`) does not change the
-            causal model's states before it, so this is exact. ``None``: every position counts.
+            causal model's states before it, so this is exact; padding before a real token (left
+            padding) is rejected. ``None``: every position counts.
     """
     check_choice("method", method, tuple(METHODS))
     chosen = METHODS[method]
@@ -664,13 +668,17 @@ def input_feature_norms(model: nn.Module, calib: torch.Tensor, pad_token_id: int
                 sums[key] = sums.get(key, 0) + (x**2).sum(0)
 
             handles.append(layer.register_forward_hook(collect))
+    was_training = model.training
+    model.eval()  # as in prune: no dropout in the statistics
     try:
-        for rows in _calib_chunks(calib):
-            current[0] = rows
-            model(input_ids=calib[rows])
+        with torch.no_grad():
+            for rows in _calib_chunks(calib):
+                current[0] = rows
+                model(input_ids=calib[rows])
     finally:
         for handle in handles:
             handle.remove()
+        model.train(was_training)
     return {key: value.sqrt() for key, value in sums.items()}
 
 

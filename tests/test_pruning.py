@@ -693,8 +693,9 @@ def test_bad_inputs_of_random_prune(tiny_lm, call, error, message):
         call(copy.deepcopy(tiny_lm[0]))
 
 
+@pytest.mark.parametrize("pattern", ["2:4", None])  # None: row top-k, SparseGPT's global sort
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_calibration_batches_do_not_change_the_result(tiny_lm, method, monkeypatch):
+def test_calibration_batches_do_not_change_the_result(tiny_lm, method, pattern, monkeypatch):
     """Calibration rows run through the model in batches (CALIB_BATCH); where the batches split the
     rows, and padding left out within a batch, change nothing beyond float rounding."""
     model, tok = tiny_lm
@@ -705,7 +706,7 @@ def test_calibration_batches_do_not_change_the_result(tiny_lm, method, monkeypat
     for batch in (32, 3, 1):
         monkeypatch.setattr(pruning, "CALIB_BATCH", batch)
         net = copy.deepcopy(model)
-        pruning.prune(net, method, pattern="2:4", calib=calib, pad_token_id=3)
+        pruning.prune(net, method, pattern=pattern, calib=calib, pad_token_id=3)
         norms = pruning.input_feature_norms(model, calib, pad_token_id=3)
         results.append(([p.detach().clone() for p in net.parameters()], norms))
     for params, norms in results[1:]:
@@ -713,3 +714,14 @@ def test_calibration_batches_do_not_change_the_result(tiny_lm, method, monkeypat
             assert torch.allclose(a, b, atol=1e-5)
         for key, value in results[0][1].items():
             assert torch.allclose(norms[key], value, atol=1e-5)
+
+
+def test_padding_before_a_real_token_is_rejected(tiny_lm):
+    """Only tail padding is exact without an attention mask: left padding is refused."""
+    model, tok = tiny_lm
+    calib = _calib(tok, n=3, length=16)
+    calib[1, :4] = 3  # left padding in one row
+    for call in (lambda net: pruning.prune(net, "wanda", 0.5, calib=calib, pad_token_id=3),
+                 lambda net: pruning.input_feature_norms(net, calib, pad_token_id=3)):
+        with pytest.raises(ValueError, match="before a real token"):
+            call(copy.deepcopy(model))
