@@ -1,9 +1,12 @@
 """Cost and benefit of companion.quantization on this CPU.
 
-    python benchmarks/quantization_speed.py
+    python benchmarks/quantization_speed.py               # all three parts
+    python benchmarks/quantization_speed.py --steps-only  # part 1 only (about a minute)
 
 1. One fine-tuning step of tiny-llama (batch 16 x 128 tokens): fp32 vs fake-quantized W4 g32, W2 g32,
-   W4A8 (the QAT overhead).
+   W4A8 (the QAT overhead). The arms are timed interleaved (one step of each, ``ROUNDS`` times) so that a
+   change in the machine's load hits all of them alike; the median, the quartiles and the range of the
+   per-step time are printed, and the ratio of medians to fp32.
 2. tiny-llama converted: state_dict bytes and the median forward time on 8 x 128 tokens for fp32, W8
    weight-only, W8A8 through ``torch._int_mm`` and W4 g32 weight-only (dequantized in each forward pass).
 3. One large linear layer (4096 x 4096, 2,048 tokens and 16 tokens): fp32 ``F.linear`` vs our int8
@@ -13,6 +16,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+import time
 import warnings
 
 import torch
@@ -25,16 +30,19 @@ from companion.runtime import median_seconds
 from companion.train import mixed_batches
 
 
+ROUNDS = 15
+
+
 def main() -> None:
     print(companion.setup(seed=0))
     llama = zoo.load("tiny-llama")
     splits = Q.lm_splits(llama.tokenizer)
     batch = next(mixed_batches([splits.docs, splits.bios], [8, 8], seed=0))
 
-    print("\n1. one training step (forward + backward + AdamW), batch 16 x 128")
+    print(f"\n1. one training step (forward + backward + AdamW), batch 16 x 128, {ROUNDS} interleaved rounds")
     configs = {"fp32": None, "W4 g32": Q.QuantConfig(4), "W2 g32": Q.QuantConfig(2),
                "W4A8": Q.QuantConfig(4, activation_bits=8)}
-    base = None
+    steps = {}
     for name, config in configs.items():
         model = copy.deepcopy(llama.model)
         if config is not None:
@@ -42,15 +50,28 @@ def main() -> None:
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def step():
+        def step(model=model, optimizer=optimizer):
             loss = model(**batch).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
 
-        seconds = median_seconds(step, repeats=8)
-        base = base or seconds
-        print(f"  {name:<7} {seconds * 1e3:7.1f} ms  ({seconds / base:.2f}x fp32)")
+        steps[name] = step
+    times = {name: [] for name in configs}
+    for round_ in range(ROUNDS + 2):  # the first two rounds are warm-up
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - started)
+    base = float(torch.tensor(times["fp32"]).median())
+    for name, t in times.items():
+        t = torch.tensor(t) * 1e3
+        q1, med, q3 = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=t.dtype)).tolist()
+        print(f"  {name:<7} median {med:7.1f} ms  (quartiles {q1:.1f}-{q3:.1f}, range {t.min():.1f}-{t.max():.1f})"
+              f"  {med / 1e3 / base:.2f}x fp32")
+    if "--steps-only" in sys.argv:
+        return
 
     print("\n2. tiny-llama converted: size and forward time on 8 x 128 tokens")
     inputs = splits.valid[:8]

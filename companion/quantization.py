@@ -830,14 +830,20 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) ->
 
 
 def paired_perplexity_difference(nll_a: torch.Tensor, nll_b: torch.Tensor, tokens_per_window: int,
-                                 n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
-                                 ) -> tuple[float, float, float]:
-    """``ppl_a - ppl_b`` on the same evaluation windows and a paired percentile-bootstrap interval over
-    the windows (Efron & Tibshirani 1993, ch. 13): each replicate draws ``n`` window indices with
-    replacement, the same for both, and recomputes both perplexities. ``nll_a``/``nll_b`` are
-    :func:`window_nll` outputs (summed NLL per window), ``tokens_per_window`` the predicted tokens per
-    window (``T - 1``). Returns ``(difference, lower, upper)``. It measures what another sample of
-    evaluation text would change, not what another calibration draw or seed would."""
+                                 n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
+                                 groups: torch.Tensor | None = None) -> tuple[float, float, float]:
+    """``ppl_a - ppl_b`` on the same evaluation windows and a paired percentile-bootstrap interval
+    (Efron & Tibshirani 1993, ch. 13): each replicate resamples with replacement, the same draw for both,
+    and recomputes both perplexities. ``nll_a``/``nll_b`` are :func:`window_nll` outputs (summed NLL per
+    window), ``tokens_per_window`` the predicted tokens per window (``T - 1``). Returns
+    ``(difference, lower, upper)``. It measures what another sample of evaluation text would change, not
+    what another calibration draw or seed would.
+
+    ``groups`` (one integer per window, e.g. :attr:`LMSplits.valid_clean_doc`) makes it a cluster
+    bootstrap (Davison & Hinkley 1997, §3.8): a replicate draws as many groups as there are, with
+    replacement, and takes all the windows of each drawn group. Windows cut from one document share its
+    topic and difficulty, so resampling them as independent understates the spread; resample documents.
+    Without ``groups`` every window is its own group."""
     a = check_tensor("nll_a", nll_a, ndim=1, kind="float", finite=True, nonempty=True).double()
     b = check_tensor("nll_b", nll_b, ndim=1, kind="float", finite=True, nonempty=True).double()
     if a.shape != b.shape:
@@ -847,8 +853,22 @@ def paired_perplexity_difference(nll_a: torch.Tensor, nll_b: torch.Tensor, token
     confidence = check_float("confidence", confidence, minimum=0.5, maximum=0.999)
     check_int("seed", seed, minimum=0)
     n = a.shape[0]
-    index = torch.randint(0, n, (n_resamples, n), generator=torch.Generator().manual_seed(seed))
-    replicates = torch.exp(a[index].sum(1) / (n * tokens)) - torch.exp(b[index].sum(1) / (n * tokens))
+    members = None  # [group, window] membership; None: every window its own group
+    if groups is not None:
+        groups = check_tensor("groups", groups, ndim=1, kind="int")
+        if groups.shape[0] != n:
+            raise ValueError(f"groups must have one value per window of nll_a ({n}), got {groups.shape[0]}")
+        labels = torch.unique(groups)
+        if len(labels) < 2:
+            raise ValueError(f"groups must hold at least 2 distinct groups to resample, got {len(labels)}")
+        members = (groups[None, :] == labels[:, None]).double()
+    k = n if members is None else len(members)
+    draw = torch.randint(0, k, (n_resamples, k), generator=torch.Generator().manual_seed(seed))
+    counts = torch.zeros(n_resamples, k, dtype=torch.float64)
+    counts.scatter_add_(1, draw, torch.ones_like(draw, dtype=torch.float64))
+    weights = counts if members is None else counts @ members  # [replicate, window]: times drawn
+    drawn = weights.sum(1) * tokens  # predicted tokens in each replicate (varies with groups)
+    replicates = torch.exp(weights @ a / drawn) - torch.exp(weights @ b / drawn)
     tail = (1 - confidence) / 2
     lower, upper = torch.quantile(replicates, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     difference = float(torch.exp(a.sum() / (n * tokens)) - torch.exp(b.sum() / (n * tokens)))
@@ -899,7 +919,11 @@ class LMSplits:
     held-out documents that share fewer than ``CLEAN_BELOW`` of their word 12-grams with the training
     documents: ``data.split_documents`` holds out whole documents, but some held-out topics repeat training
     text, and calibration and fine-tuning both read the training documents). ``overlap`` is that share for
-    each held-out document (:func:`companion.data.overlap_with`). Evaluate on ``valid_clean``."""
+    each held-out document (:func:`companion.data.overlap_with`). Evaluate on ``valid_clean``.
+    ``valid_doc`` / ``valid_clean_doc`` give, for each window of ``valid`` / ``valid_clean``, the index
+    (into ``zoo.corpus().valid_docs``) of the document that holds most of its tokens (the windows are cut
+    from one stream, so a window can straddle two documents): pass it as ``groups`` to
+    :func:`paired_perplexity_difference` to resample documents rather than windows."""
 
     docs: tuple[torch.Tensor, torch.Tensor]
     bios: tuple[torch.Tensor, torch.Tensor]
@@ -907,6 +931,8 @@ class LMSplits:
     valid: torch.Tensor
     valid_clean: torch.Tensor
     overlap: tuple[float, ...]
+    valid_doc: torch.Tensor | None = None
+    valid_clean_doc: torch.Tensor | None = None
 
 
 def lm_splits(tokenizer, context: int = 128, calib_windows: int = 32, seed: int = 0, world_seed: int = 0) -> LMSplits:
@@ -927,15 +953,23 @@ def lm_splits(tokenizer, context: int = 128, calib_windows: int = 32, seed: int 
     def stream(docs):
         return [i for d in docs for i in tokenizer(d.text)["input_ids"] + [tokenizer.eos_token_id]]
 
+    def window_docs(indices):  # the document holding most of each window's tokens (ties: the earlier)
+        owner = [i for i in indices for _ in range(len(tokenizer(source.valid_docs[i].text)["input_ids"]) + 1)]
+        rows = torch.tensor(owner[: len(owner) // context * context]).view(-1, context)
+        return torch.tensor([int(torch.bincount(r).argmax()) for r in rows])
+
     docs = stream_windows(stream(source.train_docs), context)
     bios = pack_sequences([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in source.world.training_texts()],
                           context, tokenizer.pad_token_id)
     train_texts = [d.text for d in source.train_docs]
     overlap = tuple(data.overlap_with(train_texts, d.text) for d in source.valid_docs)
     clean = [d for d, share in zip(source.valid_docs, overlap) if share < CLEAN_BELOW]
+    clean_index = [i for i, share in enumerate(overlap) if share < CLEAN_BELOW]
     return LMSplits(docs=docs, bios=bios, calib=_draw_windows(docs[0], calib_windows, seed),
                     valid=stream_windows(stream(source.valid_docs), context)[0],
-                    valid_clean=stream_windows(stream(clean), context)[0], overlap=overlap)
+                    valid_clean=stream_windows(stream(clean), context)[0], overlap=overlap,
+                    valid_doc=window_docs(range(len(source.valid_docs))),
+                    valid_clean_doc=window_docs(clean_index))
 
 
 def _draw_windows(windows: torch.Tensor, n: int, seed: int) -> torch.Tensor:

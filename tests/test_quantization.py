@@ -443,6 +443,35 @@ def test_window_nll_and_paired_perplexity_difference(tiny_lm):
         Q.paired_perplexity_difference([1.0], nll, 31)
 
 
+def test_paired_perplexity_difference_resamples_documents():
+    # 4 documents of 6 windows; within a document every window moves the same way (+/- 3 nats)
+    base = torch.full((24,), 60.0, dtype=torch.float64)
+    docs = torch.arange(4).repeat_interleave(6)
+    shift = torch.tensor([3.0, -3.0, 3.0, -3.0], dtype=torch.float64)[docs]
+    by_window = Q.paired_perplexity_difference(base + shift, base, 31)
+    by_doc = Q.paired_perplexity_difference(base + shift, base, 31, groups=docs)
+    assert by_doc[0] == by_window[0]  # the point estimate does not depend on the resampling unit
+    assert by_doc[2] - by_doc[1] > 1.5 * (by_window[2] - by_window[1])  # clustering widens it
+    # singleton groups are the window bootstrap (same draws)
+    same = Q.paired_perplexity_difference(base + shift, base, 31, groups=torch.arange(24))
+    assert same == pytest.approx(by_window, abs=1e-12)
+    # a replicate takes whole documents: an interval that holds only the per-document values' range
+    lo_ppl, hi_ppl = math.exp(57 / 31) - math.exp(60 / 31), math.exp(63 / 31) - math.exp(60 / 31)
+    assert lo_ppl <= by_doc[1] <= by_doc[2] <= hi_ppl
+
+
+def test_paired_perplexity_difference_bad_groups():
+    nll = torch.full((6,), 60.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="groups must have one value per window"):
+        Q.paired_perplexity_difference(nll, nll, 31, groups=torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="at least 2 distinct groups"):
+        Q.paired_perplexity_difference(nll, nll, 31, groups=torch.zeros(6, dtype=torch.long))
+    with pytest.raises(TypeError, match="groups"):
+        Q.paired_perplexity_difference(nll, nll, 31, groups=torch.zeros(6))
+    with pytest.raises(TypeError, match="groups"):
+        Q.paired_perplexity_difference(nll, nll, 31, groups=[0, 1, 0, 1, 0, 1])
+
+
 def test_lm_splits_holds_out_the_near_copies(small_tokenizer):
     from companion import data, zoo
 
@@ -458,3 +487,9 @@ def test_lm_splits_holds_out_the_near_copies(small_tokenizer):
     assert 0 < sum(clean) < len(clean)  # the documentation split leaks a few documents
     assert 0 < len(splits.valid_clean) < len(splits.valid)
     assert splits.valid_clean.shape[1] == splits.valid.shape[1] == longest
+    # one document id per window, in stream order; the clean windows come from clean documents only
+    assert splits.valid_doc.shape == (len(splits.valid),)
+    assert splits.valid_clean_doc.shape == (len(splits.valid_clean),)
+    assert bool((splits.valid_doc[1:] >= splits.valid_doc[:-1]).all())
+    assert all(clean[int(i)] for i in splits.valid_clean_doc)
+    assert splits.valid_doc[0] == 0 and len(torch.unique(splits.valid_clean_doc)) > 1
