@@ -953,23 +953,24 @@ def lm_splits(tokenizer, context: int = 128, calib_windows: int = 32, seed: int 
     def stream(docs):
         return [i for d in docs for i in tokenizer(d.text)["input_ids"] + [tokenizer.eos_token_id]]
 
-    def window_docs(indices):  # the document holding most of each window's tokens (ties: the earlier)
-        owner = [i for i in indices for _ in range(len(tokenizer(source.valid_docs[i].text)["input_ids"]) + 1)]
-        rows = torch.tensor(owner[: len(owner) // context * context]).view(-1, context)
-        return torch.tensor([int(torch.bincount(r).argmax()) for r in rows])
+    valid_ids = [tokenizer(d.text)["input_ids"] + [tokenizer.eos_token_id] for d in source.valid_docs]
+
+    def held_out(indices):
+        """The held-out documents ``indices`` as one stream of windows, and for each window the document
+        holding most of its tokens (ties: the earlier)."""
+        windows = stream_windows([t for i in indices for t in valid_ids[i]], context)[0]
+        owner = torch.tensor([i for i in indices for _ in valid_ids[i]])[: windows.numel()].view_as(windows)
+        return windows, torch.tensor([int(torch.bincount(row).argmax()) for row in owner])
 
     docs = stream_windows(stream(source.train_docs), context)
     bios = pack_sequences([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in source.world.training_texts()],
                           context, tokenizer.pad_token_id)
     train_texts = [d.text for d in source.train_docs]
     overlap = tuple(data.overlap_with(train_texts, d.text) for d in source.valid_docs)
-    clean = [d for d, share in zip(source.valid_docs, overlap) if share < CLEAN_BELOW]
-    clean_index = [i for i, share in enumerate(overlap) if share < CLEAN_BELOW]
-    return LMSplits(docs=docs, bios=bios, calib=_draw_windows(docs[0], calib_windows, seed),
-                    valid=stream_windows(stream(source.valid_docs), context)[0],
-                    valid_clean=stream_windows(stream(clean), context)[0], overlap=overlap,
-                    valid_doc=window_docs(range(len(source.valid_docs))),
-                    valid_clean_doc=window_docs(clean_index))
+    valid, valid_doc = held_out(range(len(source.valid_docs)))
+    valid_clean, valid_clean_doc = held_out([i for i, share in enumerate(overlap) if share < CLEAN_BELOW])
+    return LMSplits(docs=docs, bios=bios, calib=_draw_windows(docs[0], calib_windows, seed), valid=valid,
+                    valid_clean=valid_clean, overlap=overlap, valid_doc=valid_doc, valid_clean_doc=valid_clean_doc)
 
 
 def _draw_windows(windows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
