@@ -36,6 +36,7 @@ import base64
 import copy
 import random
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,12 @@ class Sample:
     kind: str
     injected: str = ""
     followup: str = ""
+
+
+def _swap_injection(sample: Sample, text: str) -> Sample:
+    """``sample`` (an injected one: its data ends with its injection) with that injection replaced by
+    ``text``; everything else unchanged."""
+    return dataclasses.replace(sample, data=sample.data[:-len(sample.injected)] + text, injected=text)
 
 
 def _fill(template: str, person: data.Person) -> str:
@@ -256,7 +263,7 @@ def rephrase_goals(samples: list, phrasings=PRINT_UNSEEN) -> list[Sample]:
             raise ValueError(f"sample {s!r} does not carry exactly one goal phrasing of PRINT_TRAIN / PRINT_HELDOUT")
         old, new = found[0]
         text = s.injected.replace(old, new)
-        out.append(Sample(s.instruction, s.data[:-len(s.injected)] + text, s.answer, s.kind, text, s.followup))
+        out.append(_swap_injection(s, text))
     return out
 
 
@@ -578,7 +585,7 @@ def retarget_smuggling(samples: list, tokenizer, role_names: dict | None = None)
         if template.format(goal=goal, answer=s.answer) != s.injected:
             raise ValueError(f"sample {s!r} was not made from the course's smuggling templates")
         text = ours.format(goal=goal, answer=s.answer)
-        out.append(Sample(s.instruction, s.data[:-len(s.injected)] + text, s.answer, s.kind, text, s.followup))
+        out.append(_swap_injection(s, text))
     return out
 
 
